@@ -1,0 +1,89 @@
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use super::{Forward, Result, Site};
+
+/// Architecture families emend implements itself (one file each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    /// Llama-2, Mistral (sliding window), SmolLM2, Qwen2-style: RoPE, GQA, RMSNorm, SwiGLU.
+    Llama,
+    /// GPT-2 family (GPT2-XL): learned positions, LayerNorm, GELU (tanh).
+    Gpt2,
+    /// GPT-NeoX (Pythia): parallel residual, partial rotary, LayerNorm, GELU.
+    GptNeox,
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Llama => "llama",
+            Self::Gpt2 => "gpt2",
+            Self::GptNeox => "gpt_neox",
+        })
+    }
+}
+
+/// Shape facts every architecture resolves from its config.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSpec {
+    pub architecture: Architecture,
+    pub n_layers: usize,
+    pub hidden_size: usize,
+    /// Width of the key entering the MLP's down/out projection (`mlp.in`).
+    pub intermediate_size: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub parameters: usize,
+}
+
+/// One transformer family, split so that editing can run any slice of it:
+/// `embed` → `run_layers(a..b)` → `head`. Weights are immutable (`&self`); per-sequence state
+/// (KV cache, hooks, masks) lives in [`Forward`].
+pub trait CausalLm: Send + Sync {
+    fn spec(&self) -> &ModelSpec;
+
+    /// Token (and, for learned-position models, position) embeddings: `(b, t)` → `(b, t, d)`.
+    fn embed(&self, input_ids: &Tensor, fwd: &Forward) -> Result<Tensor>;
+
+    /// Runs blocks `range` starting from hidden state `h` (`(b, t, d)`), applying hooks at sites.
+    fn run_layers(&self, h: Tensor, range: Range<usize>, fwd: &mut Forward) -> Result<Tensor>;
+
+    /// Final norm and LM head: `(.., d)` → `(.., vocab)` logits.
+    fn head(&self, h: &Tensor, differentiable: bool) -> Result<Tensor>;
+
+    /// The weight of the projection that reads `mlp.in` and writes `mlp.out`, as `(out, in)`.
+    fn mlp_out_weight(&self, layer: usize) -> &Tensor;
+
+    fn device(&self) -> &Device;
+    fn dtype(&self) -> DType;
+
+    /// Every site this model exposes, in forward order.
+    fn sites(&self) -> Vec<Site> {
+        (0..self.spec().n_layers)
+            .flat_map(|layer| {
+                super::SiteKind::ALL
+                    .iter()
+                    .map(move |&kind| Site { layer, kind })
+            })
+            .collect()
+    }
+
+    /// Hidden states after the last block (before the final norm).
+    fn hidden(&self, input_ids: &Tensor, fwd: &mut Forward) -> Result<Tensor> {
+        let h = self.embed(input_ids, fwd)?;
+        self.run_layers(h, 0..self.spec().n_layers, fwd)
+    }
+
+    /// Logits at every position: `(b, t)` → `(b, t, vocab)`.
+    fn forward(&self, input_ids: &Tensor, fwd: &mut Forward) -> Result<Tensor> {
+        let h = self.hidden(input_ids, fwd)?;
+        self.head(&h, fwd.differentiable)
+    }
+}

@@ -1,0 +1,26 @@
+//! White-box transformer runtime: architectures on candle, loaders, tokenizer, hooks at named
+//! sites, KV cache, generation and log-likelihood scoring.
+mod arch;
+pub mod batch;
+mod error;
+pub mod generate;
+pub mod gguf;
+pub mod gpt2;
+pub mod gpt_neox;
+pub mod hf;
+mod hooks;
+mod kv_cache;
+mod layers;
+pub mod llama;
+mod loader;
+pub mod sampling;
+pub mod score;
+pub mod tokenizer;
+
+pub use arch::{Architecture, CausalLm, ModelSpec};
+pub use batch::Forward;
+pub use error::{ModelError, Result};
+pub use hooks::{HookAction, Hooks, PatchMode, Positions, Site, SiteKind};
+pub use kv_cache::KvCache;
+pub use loader::{DeviceKind, LoadOptions, LoadedModel, ModelSource};
+pub use tokenizer::Tok;

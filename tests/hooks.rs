@@ -79,7 +79,7 @@ fn mlp_in_is_what_the_down_projection_multiplies() {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    assert!(diff < 1e-5, "W·k differs from mlp.out by {diff}");
+    assert!(diff < 1e-4, "W·k differs from mlp.out by {diff}");
 }
 
 #[test]

@@ -145,8 +145,7 @@ pub fn load(g: &Global) -> Result<LoadedModel> {
     let source = ModelSource::from_path(&path)?;
     let opts = load_options(g)?;
     eprintln!("loading {} ...", path.display());
-    Ok(LoadedModel::load(&source, &opts)
-        .with_context(|| format!("loading model `{}`", path.display()))?)
+    LoadedModel::load(&source, &opts).with_context(|| format!("loading model `{}`", path.display()))
 }
 
 pub fn run(cli: Cli) -> Result<()> {

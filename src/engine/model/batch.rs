@@ -83,6 +83,10 @@ impl<'a> Forward<'a> {
         &self.device
     }
 
+    pub(crate) fn pad_left(&self) -> &[usize] {
+        &self.pad_left
+    }
+
     /// True when every row starts at the same position (no padding): positions are shared.
     pub fn unpadded(&self) -> bool {
         self.pad_left.iter().all(|&p| p == 0)

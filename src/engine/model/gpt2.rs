@@ -180,7 +180,6 @@ impl CausalLm for Gpt2 {
         let diff = fwd.differentiable;
         let d = self.cfg.n_embd;
         let heads = self.cfg.n_head;
-        let mask = fwd.mask(None, self.dtype)?.cloned();
         for i in range {
             let blk = &self.blocks[i];
             let x = blk.ln_1.forward(&h, diff)?;
@@ -192,7 +191,7 @@ impl CausalLm for Gpt2 {
                 Some(c) => c.append(i, k, v)?,
                 None => (k, v),
             };
-            let y = attention(&q, &k, &v, mask.as_ref(), diff)?;
+            let y = attention(&q, &k, &v, fwd, None)?;
             let a = blk.attn_proj.forward(&y)?;
             let a = at_site(&mut fwd.hooks, Site::new(i, SiteKind::AttnOut), a)?;
             h = (h + a)?;

@@ -175,7 +175,6 @@ impl CausalLm for GptNeox {
         let heads = self.cfg.num_attention_heads;
         let hd = self.spec.head_dim;
         let (cos, sin) = self.rope.tables(fwd)?;
-        let mask = fwd.mask(None, self.dtype)?.cloned();
         for i in range {
             let blk = &self.blocks[i];
             let x = blk.ln_in.forward(&h, diff)?;
@@ -195,7 +194,7 @@ impl CausalLm for GptNeox {
                 Some(c) => c.append(i, k, v)?,
                 None => (k, v),
             };
-            let y = attention(&q, &k, &v, mask.as_ref(), diff)?;
+            let y = attention(&q, &k, &v, fwd, None)?;
             let a = blk.dense.forward(&y)?;
             let a = at_site(&mut fwd.hooks, Site::new(i, SiteKind::AttnOut), a)?;
 

@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::kernels::{cpu_matmul_t, CpuAttention};
 use super::{Forward, ModelError, Result};
 
 pub(crate) fn get(
@@ -52,7 +53,16 @@ impl Proj {
         let dims = x.dims().to_vec();
         let d_in = *dims.last().expect("projection input has a feature dim");
         let n: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((n, d_in))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((n, d_in))?;
+        let y = if x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.is_contiguous()
+            && !x.track_op()
+        {
+            cpu_matmul_t(&x2, &self.weight)?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         let y = y.reshape(out_dims)?;
@@ -205,28 +215,39 @@ fn rope_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// Scaled dot-product attention over `(b, h, t, hd)` queries and `(b, kv_h, s, hd)` keys/values,
-/// with grouped-query heads repeated. Returns `(b, t, h * hd)`.
+/// with grouped-query heads shared. Returns `(b, t, h * hd)`. On CPU in f32 (no gradients) a
+/// fused kernel computes visibility itself; elsewhere plain ops with the additive mask.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
-    differentiable: bool,
+    fwd: &Forward,
+    window: Option<usize>,
 ) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if q.device().is_cpu() && q.dtype() == DType::F32 && !tracked && !fwd.differentiable {
+        let op = CpuAttention {
+            pad_left: fwd.pad_left().to_vec(),
+            past: fwd.past(),
+            window,
+            scale: scale as f32,
+        };
+        return Ok(q.apply_op3_no_bwd(k, v, &op)?);
+    }
     let kv_h = k.dim(1)?;
     let (k, v) = if kv_h == h {
         (k.clone(), v.clone())
     } else {
         (repeat_kv(k, h / kv_h)?, repeat_kv(v, h / kv_h)?)
     };
-    let scale = 1.0 / (hd as f64).sqrt();
     let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let att = match mask {
+    let att = match fwd.mask(window, q.dtype())? {
         Some(m) => att.broadcast_add(m)?,
         None => att,
     };
-    let att = if differentiable {
+    let att = if fwd.differentiable {
         candle_nn::ops::softmax(&att, D::Minus1)?
     } else {
         candle_nn::ops::softmax_last_dim(&att)?

@@ -241,7 +241,6 @@ impl CausalLm for Llama {
         }
         let diff = fwd.differentiable;
         let (cos, sin) = self.rope.tables(fwd)?;
-        let mask = fwd.mask(self.cfg.sliding_window, self.dtype)?.cloned();
         for i in range {
             let blk = &self.blocks[i];
             let x = blk.attn_norm.forward(&h, diff)?;
@@ -254,7 +253,7 @@ impl CausalLm for Llama {
                 Some(c) => c.append(i, k, v)?,
                 None => (k, v),
             };
-            let y = attention(&q, &k, &v, mask.as_ref(), diff)?;
+            let y = attention(&q, &k, &v, fwd, self.cfg.sliding_window)?;
             let a = blk.attn.o.forward(&y)?;
             let a = at_site(&mut fwd.hooks, Site::new(i, SiteKind::AttnOut), a)?;
             h = (h + a)?;

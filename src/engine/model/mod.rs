@@ -9,6 +9,7 @@ pub mod gpt2;
 pub mod gpt_neox;
 pub mod hf;
 mod hooks;
+mod kernels;
 mod kv_cache;
 mod layers;
 pub mod llama;

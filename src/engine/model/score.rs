@@ -16,6 +16,8 @@ pub struct TokenScores {
     /// The best log-prob in the same row (from the same log-softmax, so equality is exact).
     pub top_logprobs: Vec<f32>,
     pub top_ids: Vec<u32>,
+    /// The `top_n` best `(id, log-prob)` per position, best first (empty unless asked for).
+    pub alternatives: Vec<Vec<(u32, f32)>>,
 }
 
 impl TokenScores {
@@ -36,6 +38,17 @@ pub fn score_tokens(
     model: &dyn CausalLm,
     seqs: &[Vec<u32>],
     from: &[usize],
+    budget: usize,
+) -> Result<Vec<TokenScores>> {
+    score_tokens_top(model, seqs, from, 0, budget)
+}
+
+/// [`score_tokens`] plus the `top_n` most likely tokens at every scored position.
+pub fn score_tokens_top(
+    model: &dyn CausalLm,
+    seqs: &[Vec<u32>],
+    from: &[usize],
+    top_n: usize,
     budget: usize,
 ) -> Result<Vec<TokenScores>> {
     assert_eq!(seqs.len(), from.len());
@@ -62,7 +75,11 @@ pub fn score_tokens(
         let width = seqs[order[start]].len() - 1;
         let per_batch = (budget / width.max(1)).max(1);
         let chunk = &order[start..(start + per_batch).min(order.len())];
-        let scored = score_batch(model, chunk.iter().map(|&i| (&seqs[i], from[i])).collect())?;
+        let scored = score_batch(
+            model,
+            chunk.iter().map(|&i| (&seqs[i], from[i])).collect(),
+            top_n,
+        )?;
         for (&i, s) in chunk.iter().zip(scored) {
             out[i] = Some(s);
         }
@@ -76,7 +93,11 @@ pub fn score_tokens(
 
 /// One right-padded forward pass: causal attention means padding after a sequence never
 /// influences its real positions.
-fn score_batch(model: &dyn CausalLm, items: Vec<(&Vec<u32>, usize)>) -> Result<Vec<TokenScores>> {
+fn score_batch(
+    model: &dyn CausalLm,
+    items: Vec<(&Vec<u32>, usize)>,
+    top_n: usize,
+) -> Result<Vec<TokenScores>> {
     let dev = model.device();
     let width = items
         .iter()
@@ -101,7 +122,12 @@ fn score_batch(model: &dyn CausalLm, items: Vec<(&Vec<u32>, usize)>) -> Result<V
     let h = model.hidden(&input, &mut fwd)?;
     let h = gather_rows(&h, &rows)?;
     let logits = model.head(&h, false)?.to_dtype(DType::F32)?;
-    let (lp, top, top_ids) = log_softmax_pick(&logits, &targets)?;
+    let (lp, top, top_ids, lse) = log_softmax_pick(&logits, &targets)?;
+    let alts = if top_n > 0 {
+        top_alternatives(&logits, &lse, top_n)?
+    } else {
+        Vec::new()
+    };
     let mut out = Vec::with_capacity(b);
     let mut k = 0;
     for (seq, from) in &items {
@@ -110,14 +136,24 @@ fn score_batch(model: &dyn CausalLm, items: Vec<(&Vec<u32>, usize)>) -> Result<V
             logprobs: lp[k..k + n].to_vec(),
             top_logprobs: top[k..k + n].to_vec(),
             top_ids: top_ids[k..k + n].to_vec(),
+            alternatives: if top_n > 0 {
+                alts[k..k + n].to_vec()
+            } else {
+                Vec::new()
+            },
         });
         k += n;
     }
     Ok(out)
 }
 
-/// For each logits row: log-prob of the target, the maximum log-prob, and its id.
-fn log_softmax_pick(logits: &Tensor, targets: &[u32]) -> Result<(Vec<f32>, Vec<f32>, Vec<u32>)> {
+/// For each logits row: log-prob of the target, the maximum log-prob, its id, and the row's
+/// log-sum-exp (so alternatives come from the same normaliser).
+#[allow(clippy::type_complexity)]
+fn log_softmax_pick(
+    logits: &Tensor,
+    targets: &[u32],
+) -> Result<(Vec<f32>, Vec<f32>, Vec<u32>, Tensor)> {
     let dev = logits.device();
     let max = logits.max_keepdim(D::Minus1)?;
     let lse = (logits
@@ -134,7 +170,28 @@ fn log_softmax_pick(logits: &Tensor, targets: &[u32]) -> Result<(Vec<f32>, Vec<f
         picked.flatten_all()?.to_vec1()?,
         top.flatten_all()?.to_vec1()?,
         top_ids.to_vec1()?,
+        lse,
     ))
+}
+
+/// The `n` best `(id, logit − lse)` of each row, best first (ties by id).
+fn top_alternatives(logits: &Tensor, lse: &Tensor, n: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    let lse: Vec<f32> = lse.flatten_all()?.to_vec1()?;
+    Ok(rows
+        .iter()
+        .zip(lse)
+        .map(|(row, l)| {
+            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+            let n = n.min(row.len());
+            let cmp =
+                |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+            idx.select_nth_unstable_by(n - 1, cmp);
+            idx.truncate(n);
+            idx.sort_by(cmp);
+            idx.into_iter().map(|i| (i, row[i as usize] - l)).collect()
+        })
+        .collect())
 }
 
 /// lm-eval's `_encode_pair`: trailing context spaces move into the continuation; the

@@ -1,0 +1,266 @@
+//! HTTP API (actix-web): routes, auth, validation, problem+json errors, OpenAPI. Nothing below
+//! this module knows about HTTP.
+use std::future::{ready, Ready};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, App, FromRequest, HttpMessage, HttpRequest, HttpServer, ResponseError};
+use futures_util::FutureExt;
+
+use crate::config::{ApiKeys, Config};
+use crate::engine::worker::Engine;
+use crate::metrics::Metrics;
+use crate::sessions::Sessions;
+
+pub mod error;
+mod inference;
+pub mod openai;
+pub mod openapi;
+mod sessions;
+mod system;
+
+pub use error::{ApiError, Code};
+
+/// Limits every request is validated against.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_new_tokens: usize,
+    pub max_batch_items: usize,
+    pub max_stop_sequences: usize,
+    pub max_stop_len: usize,
+    pub eval_patience: Duration,
+}
+
+impl Limits {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            max_new_tokens: c.max_new_tokens,
+            max_batch_items: c.max_batch_items,
+            max_stop_sequences: c.max_stop_sequences,
+            max_stop_len: c.max_stop_len,
+            eval_patience: Duration::from_secs(c.eval_patience_secs),
+        }
+    }
+}
+
+/// Shared by every handler.
+pub struct AppState {
+    pub engine: Engine,
+    pub sessions: Sessions,
+    pub metrics: Arc<Metrics>,
+    pub keys: ApiKeys,
+    pub limits: Limits,
+    pub max_body_bytes: usize,
+}
+
+/// The request being served, for problem bodies (`instance`, `request_id`) and logs.
+#[derive(Debug, Clone)]
+pub struct RequestCtx {
+    pub id: String,
+    pub path: String,
+}
+
+tokio::task_local! {
+    static REQUEST: RequestCtx;
+}
+
+pub(crate) fn request_ctx() -> Option<RequestCtx> {
+    REQUEST.try_with(Clone::clone).ok()
+}
+
+/// The tenant a request acts for: from `Authorization: Bearer <key>`, or `default` when the
+/// server runs without keys (loopback only).
+#[derive(Debug, Clone)]
+pub struct Tenant(pub String);
+
+impl FromRequest for Tenant {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let state = req
+            .app_data::<web::Data<AppState>>()
+            .expect("AppState is registered");
+        if state.keys.is_empty() {
+            return ready(Ok(Tenant("default".into())));
+        }
+        let key = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        ready(match key.and_then(|k| state.keys.tenant_for(k)) {
+            Some(t) => Ok(Tenant(t.to_string())),
+            None => Err(ApiError::new(
+                Code::Unauthorized,
+                "send `Authorization: Bearer <api key>` with a configured key",
+            )),
+        })
+    }
+}
+
+/// Request id (taken from `x-request-id` or made), tracing span, metrics, and the last line of
+/// defence: a panic in a handler becomes a 500 problem, never a dropped connection.
+async fn observe(
+    req: ServiceRequest,
+    next: Next<BoxBody>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let start = Instant::now();
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let ctx = RequestCtx {
+        id: id.clone(),
+        path: req.path().to_string(),
+    };
+    let method = req.method().to_string();
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    req.extensions_mut().insert(ctx.clone());
+    let span = tracing::info_span!("request", request_id = %id, method = %method, path = %ctx.path);
+    let fut = REQUEST.scope(ctx.clone(), async move {
+        std::panic::AssertUnwindSafe(next.call(req))
+            .catch_unwind()
+            .await
+    });
+    let res = tracing::Instrument::instrument(fut, span.clone()).await;
+    let record = |route: &str, status: actix_web::http::StatusCode| {
+        if let Some(s) = &state {
+            s.metrics
+                .http_requests_total
+                .with_label_values(&[route, &method, status.as_str()])
+                .inc();
+            s.metrics
+                .http_request_duration_seconds
+                .with_label_values(&[route, &method])
+                .observe(start.elapsed().as_secs_f64());
+        }
+        span.in_scope(|| {
+            tracing::info!(
+                status = status.as_u16(),
+                ms = start.elapsed().as_millis() as u64,
+                "served"
+            )
+        });
+    };
+    let header = actix_web::http::header::HeaderName::from_static("x-request-id");
+    let value = actix_web::http::header::HeaderValue::from_str(&id).ok();
+    match res {
+        Ok(Ok(mut res)) => {
+            if let Some(v) = value {
+                res.headers_mut().insert(header, v);
+            }
+            let route = res
+                .request()
+                .match_pattern()
+                .unwrap_or_else(|| "unmatched".into());
+            record(&route, res.status());
+            Ok(res.map_body(|_, b| b.boxed()))
+        }
+        Ok(Err(e)) => {
+            record("unmatched", e.as_response_error().status_code());
+            Err(e)
+        }
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            span.in_scope(|| tracing::error!(request_id = %id, panic = %msg, "handler panicked"));
+            let mut resp = REQUEST.sync_scope(ctx, || {
+                ApiError::new(Code::Internal, "the server failed on this request").error_response()
+            });
+            if let Some(v) = value {
+                resp.headers_mut().insert(header, v);
+            }
+            record("unmatched", resp.status());
+            // The request was moved into the handler that panicked, so answer through an error
+            // carrying the finished response.
+            Err(actix_web::error::InternalError::from_response("handler panicked", resp).into())
+        }
+    }
+}
+
+/// Registers every route (the OpenAPI document lists the same set; a test checks it).
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    system::routes(cfg);
+    sessions::routes(cfg);
+    inference::routes(cfg);
+    openai::routes(cfg);
+    cfg.service(utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url(
+        "/openapi.json",
+        <openapi::ApiDoc as utoipa::OpenApi>::openapi(),
+    ));
+    cfg.route(
+        "/docs",
+        web::get().to(|| async {
+            actix_web::HttpResponse::Found()
+                .insert_header(("Location", "/docs/"))
+                .finish()
+        }),
+    );
+}
+
+fn json_error(err: actix_web::error::JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    use actix_web::error::JsonPayloadError as J;
+    let e = match &err {
+        J::OverflowKnownLength { length, limit } => ApiError::new(
+            Code::PayloadTooLarge,
+            format!("body has {length} bytes; the limit is {limit}"),
+        ),
+        J::Overflow { limit } => ApiError::new(
+            Code::PayloadTooLarge,
+            format!("body exceeds the limit of {limit} bytes"),
+        ),
+        J::ContentType => ApiError::new(
+            Code::MalformedRequest,
+            "send `Content-Type: application/json`",
+        ),
+        J::Deserialize(d) if d.is_data() => ApiError::new(Code::InvalidField, d.to_string()),
+        _ => ApiError::new(Code::MalformedRequest, err.to_string()),
+    };
+    e.into()
+}
+
+fn path_error(err: actix_web::error::PathError, _req: &HttpRequest) -> actix_web::Error {
+    ApiError::new(Code::NotFound, err.to_string()).into()
+}
+
+/// Binds and starts the server; returns it with the address it listens on.
+pub fn serve(
+    state: web::Data<AppState>,
+    listener: TcpListener,
+    workers: usize,
+    grace_secs: u64,
+) -> std::io::Result<Server> {
+    let body_limit = state.max_body_bytes;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(body_limit)
+                    .error_handler(json_error),
+            )
+            .app_data(web::PathConfig::default().error_handler(path_error))
+            .wrap(from_fn(observe))
+            .configure(routes)
+            .default_service(web::to(|| async {
+                Err::<actix_web::HttpResponse, _>(ApiError::new(Code::NotFound, "no such route"))
+            }))
+    })
+    .workers(workers)
+    .shutdown_timeout(grace_secs)
+    .listen(listener)?
+    .run();
+    Ok(server)
+}

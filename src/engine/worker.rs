@@ -1,0 +1,424 @@
+//! The engine worker: the one thread that owns the model. Work arrives through three bounded
+//! lanes served in priority order (interactive > edit > evaluation); admission is a semaphore
+//! per lane, so a full lane answers `Overloaded` (HTTP 429) instead of growing a backlog.
+//! Concurrent generation requests for the same session version are batched into one forward.
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::model::generate::{generate_each, GenParams, Generation};
+use super::model::loader::ModelInfo;
+use super::model::score::{loglikelihood, score_tokens_top, Loglikelihood, TokenScores};
+use super::model::{LoadedModel, ModelError, Tok};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Interactive = 0,
+    Edit = 1,
+    Eval = 2,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 3] = [Lane::Interactive, Lane::Edit, Lane::Eval];
+    pub fn name(self) -> &'static str {
+        match self {
+            Lane::Interactive => "interactive",
+            Lane::Edit => "edit",
+            Lane::Eval => "eval",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the {lane} queue is full ({capacity} requests); retry later")]
+    Overloaded { lane: &'static str, capacity: usize },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("the engine failed while running this request: {0}")]
+    Panicked(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+/// Which model view a request runs against. Sessions' edits arrive with the overlay; until a
+/// session has edits, every version is the base model.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelView {
+    pub session: Option<String>,
+    pub version: u64,
+}
+
+impl ModelView {
+    pub fn base() -> Self {
+        Self {
+            session: None,
+            version: 0,
+        }
+    }
+}
+
+pub enum GenEvent {
+    Text(String),
+    Done(Result<Generation, EngineError>),
+}
+
+pub enum Work {
+    Generate {
+        view: ModelView,
+        prompt: Vec<u32>,
+        params: GenParams,
+        events: mpsc::UnboundedSender<GenEvent>,
+    },
+    /// Per-token log-probs of `seqs[i][from[i]..]`, with the `top_n` best tokens per position.
+    Score {
+        view: ModelView,
+        seqs: Vec<Vec<u32>>,
+        from: Vec<usize>,
+        top_n: usize,
+        reply: oneshot::Sender<Result<Vec<TokenScores>, EngineError>>,
+    },
+    Loglikelihood {
+        view: ModelView,
+        pairs: Vec<(String, String)>,
+        reply: oneshot::Sender<Result<Vec<Loglikelihood>, EngineError>>,
+    },
+}
+
+impl Work {
+    /// The client is gone: nobody reads the answer.
+    fn abandoned(&self) -> bool {
+        match self {
+            Work::Generate { events, .. } => events.is_closed(),
+            Work::Score { reply, .. } => reply.is_closed(),
+            Work::Loglikelihood { reply, .. } => reply.is_closed(),
+        }
+    }
+}
+
+struct Queued {
+    work: Work,
+    lane: Lane,
+    admitted: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineLimits {
+    /// Requests admitted (queued or running) per lane: interactive, edit, eval.
+    pub lane_capacity: [usize; 3],
+    /// Generation requests batched into one forward.
+    pub max_batch: usize,
+    /// Tokens per scoring forward.
+    pub token_budget: usize,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        Self {
+            lane_capacity: [64, 16, 256],
+            max_batch: 8,
+            token_budget: super::model::score::DEFAULT_TOKEN_BUDGET,
+        }
+    }
+}
+
+struct Shared {
+    lanes: Mutex<[VecDeque<Queued>; 3]>,
+    wake: Condvar,
+    admission: [Arc<Semaphore>; 3],
+    limits: EngineLimits,
+    shutdown: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    info: Arc<ModelInfo>,
+    tokenizer: Arc<Tok>,
+}
+
+impl Engine {
+    pub fn start(model: LoadedModel, limits: EngineLimits, metrics: Arc<Metrics>) -> Self {
+        metrics.model_load_seconds.set(model.info.load_seconds);
+        let shared = Arc::new(Shared {
+            lanes: Mutex::new([VecDeque::new(), VecDeque::new(), VecDeque::new()]),
+            wake: Condvar::new(),
+            admission: limits.lane_capacity.map(|c| Arc::new(Semaphore::new(c))),
+            limits,
+            shutdown: AtomicBool::new(false),
+            metrics,
+        });
+        let info = Arc::new(model.info.clone());
+        let tokenizer = Arc::new(model.tokenizer.clone());
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("emend-engine".into())
+            .spawn(move || worker(s, model))
+            .expect("spawn the engine thread");
+        Self {
+            shared,
+            info,
+            tokenizer,
+        }
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> &Tok {
+        &self.tokenizer
+    }
+
+    pub fn limits(&self) -> &EngineLimits {
+        &self.shared.limits
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.shared.shutdown.load(Ordering::Relaxed)
+    }
+
+    /// Admits work if its lane has room, else `Overloaded`.
+    pub fn try_submit(&self, lane: Lane, work: Work) -> Result<(), EngineError> {
+        let sem = self.shared.admission[lane as usize].clone();
+        let permit = sem
+            .try_acquire_owned()
+            .map_err(|_| EngineError::Overloaded {
+                lane: lane.name(),
+                capacity: self.shared.limits.lane_capacity[lane as usize],
+            })?;
+        self.enqueue(lane, work, permit)
+    }
+
+    /// Waits up to `patience` for room in the lane (evaluation clients retry badly, so their
+    /// lane queues rather than refusing at once).
+    pub async fn submit_waiting(
+        &self,
+        lane: Lane,
+        work: Work,
+        patience: Duration,
+    ) -> Result<(), EngineError> {
+        let sem = self.shared.admission[lane as usize].clone();
+        let permit = match tokio::time::timeout(patience, sem.acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(EngineError::Overloaded {
+                    lane: lane.name(),
+                    capacity: self.shared.limits.lane_capacity[lane as usize],
+                })
+            }
+        };
+        self.enqueue(lane, work, permit)
+    }
+
+    fn enqueue(
+        &self,
+        lane: Lane,
+        work: Work,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(), EngineError> {
+        if !self.is_running() {
+            return Err(EngineError::ShuttingDown);
+        }
+        self.shared
+            .metrics
+            .queue_depth
+            .with_label_values(&[lane.name()])
+            .inc();
+        let mut lanes = self.shared.lanes.lock().expect("engine queue lock");
+        lanes[lane as usize].push_back(Queued {
+            work,
+            lane,
+            admitted: Instant::now(),
+            _permit: permit,
+        });
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Stops taking work; the engine thread exits after the job in hand.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_all();
+    }
+}
+
+fn worker(shared: Arc<Shared>, model: LoadedModel) {
+    let _span = tracing::info_span!("engine").entered();
+    loop {
+        let batch = {
+            let mut lanes = shared.lanes.lock().expect("engine queue lock");
+            loop {
+                if shared.shutdown.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Some(b) = next_batch(&mut lanes, shared.limits.max_batch) {
+                    break b;
+                }
+                lanes = shared.wake.wait(lanes).expect("engine queue lock");
+            }
+        };
+        for q in &batch {
+            shared
+                .metrics
+                .queue_wait_seconds
+                .with_label_values(&[q.lane.name()])
+                .observe(q.admitted.elapsed().as_secs_f64());
+        }
+        let lanes: Vec<Lane> = batch.iter().map(|q| q.lane).collect();
+        run_batch(&model, &shared, batch);
+        for l in lanes {
+            shared
+                .metrics
+                .queue_depth
+                .with_label_values(&[l.name()])
+                .dec();
+        }
+    }
+}
+
+/// The next unit of work: the oldest job of the highest non-empty lane, plus (for generation)
+/// the other queued generation jobs against the same model view.
+fn next_batch(lanes: &mut [VecDeque<Queued>; 3], max_batch: usize) -> Option<Vec<Queued>> {
+    for lane in lanes.iter_mut() {
+        let Some(first) = lane.pop_front() else {
+            continue;
+        };
+        let mut batch = vec![first];
+        if let Work::Generate { view, .. } = &batch[0].work {
+            let view = view.clone();
+            let mut i = 0;
+            while i < lane.len() && batch.len() < max_batch {
+                if matches!(&lane[i].work, Work::Generate { view: v, .. } if *v == view) {
+                    batch.push(lane.remove(i).expect("index in range"));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        return Some(batch);
+    }
+    None
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+fn run_batch(model: &LoadedModel, shared: &Shared, batch: Vec<Queued>) {
+    let metrics = &shared.metrics;
+    let lm = model.model.as_ref();
+    let tok = &model.tokenizer;
+    let live: Vec<Queued> = batch.into_iter().filter(|q| !q.work.abandoned()).collect();
+    if live.is_empty() {
+        return;
+    }
+    if matches!(live[0].work, Work::Generate { .. }) {
+        let mut prompts = Vec::new();
+        let mut params = Vec::new();
+        let mut senders = Vec::new();
+        let mut admitted = Vec::new();
+        for q in live {
+            if let Work::Generate {
+                prompt,
+                params: p,
+                events,
+                ..
+            } = q.work
+            {
+                metrics.prompt_tokens_total.inc_by(prompt.len() as u64);
+                prompts.push(prompt);
+                params.push(p);
+                senders.push(events);
+                admitted.push(q.admitted);
+            }
+        }
+        let _span = tracing::debug_span!("generate", batch = prompts.len()).entered();
+        let mut first = vec![true; senders.len()];
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            generate_each(lm, tok, &prompts, &params, &mut |row, delta| {
+                if std::mem::take(&mut first[row]) {
+                    metrics
+                        .time_to_first_token_seconds
+                        .observe(admitted[row].elapsed().as_secs_f64());
+                }
+                senders[row].send(GenEvent::Text(delta.to_string())).is_ok()
+            })
+        }));
+        match result {
+            Ok(Ok(gens)) => {
+                for (g, s) in gens.into_iter().zip(&senders) {
+                    metrics
+                        .generation_tokens_total
+                        .inc_by(g.token_ids.len() as u64);
+                    let _ = s.send(GenEvent::Done(Ok(g)));
+                }
+            }
+            Ok(Err(e)) => {
+                // One error for the whole batch; errors are not Clone, so rows share its text.
+                let msg = e.to_string();
+                for s in &senders {
+                    let _ = s.send(GenEvent::Done(Err(EngineError::Failed(msg.clone()))));
+                }
+            }
+            Err(p) => {
+                let msg = panic_message(p);
+                tracing::error!(panic = %msg, "engine panicked during generation");
+                for s in &senders {
+                    let _ = s.send(GenEvent::Done(Err(EngineError::Panicked(msg.clone()))));
+                }
+            }
+        }
+        return;
+    }
+    for q in live {
+        match q.work {
+            Work::Score {
+                seqs,
+                from,
+                top_n,
+                reply,
+                ..
+            } => {
+                let n: usize = seqs.iter().map(Vec::len).sum();
+                metrics.prompt_tokens_total.inc_by(n as u64);
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    score_tokens_top(lm, &seqs, &from, top_n, shared.limits.token_budget)
+                }));
+                let _ = reply.send(flatten(r));
+            }
+            Work::Loglikelihood { pairs, reply, .. } => {
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    loglikelihood(lm, tok, &pairs, shared.limits.token_budget)
+                }));
+                let _ = reply.send(flatten(r));
+            }
+            Work::Generate { .. } => unreachable!("generation is batched above"),
+        }
+    }
+}
+
+fn flatten<T>(r: std::thread::Result<Result<T, ModelError>>) -> Result<T, EngineError> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(EngineError::Model(e)),
+        Err(p) => {
+            let msg = panic_message(p);
+            tracing::error!(panic = %msg, "engine panicked");
+            Err(EngineError::Panicked(msg))
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Prometheus metrics, described once (vLLM/TGI naming with base units and `_total`).
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub http_requests_total: IntCounterVec,
+    pub http_request_duration_seconds: HistogramVec,
+    pub queue_depth: IntGaugeVec,
+    pub queue_wait_seconds: HistogramVec,
+    pub time_to_first_token_seconds: Histogram,
+    pub generation_tokens_total: IntCounter,
+    pub prompt_tokens_total: IntCounter,
+    pub sessions: IntGauge,
+    pub model_load_seconds: prometheus::Gauge,
+}
+
+const LATENCY: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = Self {
+            http_requests_total: IntCounterVec::new(
+                Opts::new(
+                    "emend_http_requests_total",
+                    "HTTP requests by route pattern, method and status",
+                ),
+                &["route", "method", "status"],
+            )
+            .unwrap(),
+            http_request_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "emend_http_request_duration_seconds",
+                    "HTTP request latency",
+                )
+                .buckets(LATENCY.to_vec()),
+                &["route", "method"],
+            )
+            .unwrap(),
+            queue_depth: IntGaugeVec::new(
+                Opts::new(
+                    "emend_queue_depth",
+                    "Engine work queued or running, per lane",
+                ),
+                &["lane"],
+            )
+            .unwrap(),
+            queue_wait_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "emend_queue_wait_seconds",
+                    "Time from admission to the engine picking the work up",
+                )
+                .buckets(LATENCY.to_vec()),
+                &["lane"],
+            )
+            .unwrap(),
+            time_to_first_token_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "emend_time_to_first_token_seconds",
+                    "Admission to first generated text",
+                )
+                .buckets(LATENCY.to_vec()),
+            )
+            .unwrap(),
+            generation_tokens_total: IntCounter::new(
+                "emend_generation_tokens_total",
+                "Tokens generated",
+            )
+            .unwrap(),
+            prompt_tokens_total: IntCounter::new(
+                "emend_prompt_tokens_total",
+                "Prompt tokens processed",
+            )
+            .unwrap(),
+            sessions: IntGauge::new("emend_sessions", "Live sessions").unwrap(),
+            model_load_seconds: prometheus::Gauge::new(
+                "emend_model_load_seconds",
+                "Seconds the model took to load",
+            )
+            .unwrap(),
+            registry,
+        };
+        let r = &m.registry;
+        r.register(Box::new(m.http_requests_total.clone())).unwrap();
+        r.register(Box::new(m.http_request_duration_seconds.clone()))
+            .unwrap();
+        r.register(Box::new(m.queue_depth.clone())).unwrap();
+        r.register(Box::new(m.queue_wait_seconds.clone())).unwrap();
+        r.register(Box::new(m.time_to_first_token_seconds.clone()))
+            .unwrap();
+        r.register(Box::new(m.generation_tokens_total.clone()))
+            .unwrap();
+        r.register(Box::new(m.prompt_tokens_total.clone())).unwrap();
+        r.register(Box::new(m.sessions.clone())).unwrap();
+        r.register(Box::new(m.model_load_seconds.clone())).unwrap();
+        m
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,72 @@
+//! Wires the long-running server together: model → engine worker → store → sessions → HTTP.
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::web;
+
+use crate::api::{self, AppState, Limits};
+use crate::config::{ApiKeys, Config};
+use crate::engine::model::LoadedModel;
+use crate::engine::worker::{Engine, EngineLimits};
+use crate::metrics::Metrics;
+use crate::sessions::Sessions;
+use crate::store::Store;
+
+/// Everything a running server holds; `shutdown` stops the engine and closes the store.
+pub struct Running {
+    pub server: actix_web::dev::Server,
+    pub addr: std::net::SocketAddr,
+    pub state: web::Data<AppState>,
+}
+
+/// Starts serving `model` with `cfg` on an already-bound listener (tests bind port 0).
+pub async fn start(
+    cfg: &Config,
+    keys: ApiKeys,
+    model: LoadedModel,
+    listener: TcpListener,
+) -> anyhow::Result<Running> {
+    let metrics = Arc::new(Metrics::new());
+    let limits = EngineLimits {
+        lane_capacity: [cfg.queue_interactive, cfg.queue_edit, cfg.queue_eval],
+        max_batch: cfg.max_generation_batch,
+        ..EngineLimits::default()
+    };
+    let engine = Engine::start(model, limits, metrics.clone());
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let store = Store::connect(&cfg.database_url()).await?;
+    let sessions = Sessions::restore(store, metrics.clone()).await?;
+    let state = web::Data::new(AppState {
+        engine,
+        sessions,
+        metrics,
+        keys,
+        limits: Limits::from_config(cfg),
+        max_body_bytes: cfg.max_body_bytes,
+    });
+    let addr = listener.local_addr()?;
+    let server = api::serve(
+        state.clone(),
+        listener,
+        cfg.http_workers,
+        cfg.shutdown_grace_secs,
+    )?;
+    tracing::info!(%addr, "listening");
+    Ok(Running {
+        server,
+        addr,
+        state,
+    })
+}
+
+impl Running {
+    /// Serves until the server stops (SIGTERM/SIGINT: stop accepting, finish in-flight requests
+    /// within the grace period), then stops the engine and flushes the store.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.server.await?;
+        self.state.engine.shutdown();
+        self.state.sessions.store().close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

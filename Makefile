@@ -17,7 +17,7 @@ model: deps
 	$(CARGO) run --quiet -- fetch-model
 
 run: model
-	$(CARGO) run --release --quiet -- generate --prompt "The capital of France is" --max-tokens 16
+	$(CARGO) run --release --quiet -- serve
 
 test: model
 	$(CARGO) test

@@ -264,3 +264,43 @@ pub fn serve(
     .run();
     Ok(server)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test as atest;
+
+    #[actix_web::test]
+    async fn a_panicking_handler_answers_500_with_a_problem() {
+        let app = atest::init_service(
+            App::new()
+                .wrap(from_fn(observe))
+                .route("/boom", web::get().to(|| async { panic!("boom") as actix_web::HttpResponse })),
+        )
+        .await;
+        let req = atest::TestRequest::get().uri("/boom").insert_header(("x-request-id", "req-42")).to_request();
+        // The server turns a middleware error into its response, as done here.
+        let res = match atest::try_call_service(&app, req).await {
+            Ok(r) => r.into_parts().1,
+            Err(e) => e.error_response(),
+        };
+        assert_eq!(res.status(), 500);
+        assert_eq!(res.headers().get("x-request-id").unwrap(), "req-42");
+        assert_eq!(res.headers().get("content-type").unwrap(), "application/problem+json");
+        let bytes = actix_web::body::to_bytes(res.into_body()).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["code"], "internal");
+        assert_eq!(body["request_id"], "req-42");
+        assert_eq!(body["instance"], "/boom");
+        assert!(!body["detail"].as_str().unwrap().contains("boom"), "panic text is not shown to clients");
+    }
+
+    #[test]
+    fn every_code_has_a_distinct_slug() {
+        let mut seen = std::collections::HashSet::new();
+        for c in Code::ALL {
+            assert!(seen.insert(c.code()), "duplicate {}", c.code());
+            assert!(c.status().is_client_error() || c.status().is_server_error());
+        }
+    }
+}

@@ -1,5 +1,7 @@
-//! Shared test helpers: the default model (loaded once per test binary) and `../shared`.
+//! Shared test helpers: the default model (loaded once per test binary), `../shared`, servers.
 #![allow(dead_code)]
+pub mod server;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

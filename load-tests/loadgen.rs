@@ -33,20 +33,33 @@ fn parse() -> Args {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
-        let v = it.next().unwrap_or_else(|| panic!("{flag} needs a value")).clone();
+        let v = it
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value"))
+            .clone();
         match flag.as_str() {
             "--url" => a.url = v,
             "--session" => a.session = v,
             "--key" => a.key = Some(v),
             "--endpoint" => a.endpoint = v,
-            "--concurrency" => a.concurrency = v.split(',').map(|x| x.parse().expect("number")).collect(),
+            "--concurrency" => {
+                a.concurrency = v.split(',').map(|x| x.parse().expect("number")).collect()
+            }
             "--seconds" => a.seconds = v.parse().expect("seconds"),
             "--max-tokens" => a.max_tokens = v.parse().expect("max tokens"),
             other => panic!("unknown flag {other}"),
         }
     }
-    let host = a.url.trim_start_matches("http://").split(':').next().unwrap_or("");
-    assert!(host == "127.0.0.1" || host == "localhost" || host == "[::1]", "load tests only target loopback");
+    let host = a
+        .url
+        .trim_start_matches("http://")
+        .split(':')
+        .next()
+        .unwrap_or("");
+    assert!(
+        host == "127.0.0.1" || host == "localhost" || host == "[::1]",
+        "load tests only target loopback"
+    );
     assert!(!a.session.is_empty(), "--session is required");
     a
 }
@@ -74,7 +87,9 @@ async fn one(client: &reqwest::Client, a: &Args, i: usize, st: &mut Stats) {
         "generate" => client
             .post(format!("{}/v1/sessions/{}/generate", a.url, a.session))
             .json(&json!({"prompt": PROMPTS[i % 4], "max_tokens": a.max_tokens, "stream": true})),
-        "loglikelihood" => client.post(format!("{}/v1/sessions/{}/loglikelihood", a.url, a.session)).json(&json!({"requests": [
+        "loglikelihood" => client
+            .post(format!("{}/v1/sessions/{}/loglikelihood", a.url, a.session))
+            .json(&json!({"requests": [
             {"context": "The capital of France is", "continuation": " Paris"},
             {"context": "The Eiffel Tower is located in the city of", "continuation": " Rome"},
             {"context": "Water boils at", "continuation": " 100 degrees Celsius"},
@@ -176,8 +191,16 @@ async fn main() {
             all.errors += s.errors;
         }
         let secs = start.elapsed().as_secs_f64();
-        let tps = if a.endpoint == "generate" { format!("{:.1}", all.tokens as f64 / secs) } else { "—".into() };
-        let ttft = if a.endpoint == "generate" { format!("{:.3}", pct(&mut all.ttft, 0.5)) } else { "—".into() };
+        let tps = if a.endpoint == "generate" {
+            format!("{:.1}", all.tokens as f64 / secs)
+        } else {
+            "—".into()
+        };
+        let ttft = if a.endpoint == "generate" {
+            format!("{:.3}", pct(&mut all.ttft, 0.5))
+        } else {
+            "—".into()
+        };
         println!(
             "| {} | {c} | {:.2} | {:.3} | {:.3} | {:.3} | {ttft} | {tps} | {} | {} |",
             a.endpoint,

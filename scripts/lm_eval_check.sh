@@ -21,7 +21,7 @@ TASKS=$(mktemp -d)
 sed "s|@LAMBADA@|$SHARED/data/lambada/lambada_test.jsonl|" scripts/lm_eval_tasks/lambada_local.yaml > "$TASKS/lambada_local.yaml"
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$PY" -m lm_eval --model local-completions \
-  --model_args "model=session:$SID,base_url=http://127.0.0.1:$PORT/v1/completions,tokenizer_backend=auto,tokenized_requests=True,num_concurrent=1,max_retries=3" \
+  --model_args "model=session:$SID,base_url=http://127.0.0.1:$PORT/v1/completions,tokenizer_backend=remote,tokenized_requests=True,num_concurrent=1,max_retries=3" \
   --include_path "$TASKS" --tasks lambada_local --limit "$LIMIT" --output_path "$DATA/out" 2>&1 | tail -n 25
 # The same items through emend's own route.
 "$PY" - "$SHARED/data/lambada/lambada_test.jsonl" "$LIMIT" "http://127.0.0.1:$PORT/v1/sessions/$SID/loglikelihood" <<'PY'

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Property-based API test: Schemathesis generates requests from openapi/openapi.json against a
 # live server (loopback, a bounded number of examples per operation) and checks that nothing
-# answers 5xx and every response matches the spec.
+# answers 5xx and every response matches the spec (status, content type, schema, headers).
+# `positive_data_acceptance` is off: some limits are configuration (max_tokens, batch sizes,
+# context length) and some rules span fields (`prompt` xor `messages`), so a schema-valid body
+# can rightly get a documented 422.
 #   scripts/schemathesis.sh [path/to/emend]   (needs `pip install schemathesis`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +29,9 @@ schemathesis run openapi/openapi.json \
   --url "http://127.0.0.1:$PORT" \
   --header "Authorization: Bearer $KEY" \
   --checks all \
+  --exclude-checks positive_data_acceptance \
   --max-examples "$EXAMPLES" \
-  --exclude-path /metrics --max-time 600 --seed 1 \
+  --exclude-path /metrics --max-time ${MAX_TIME:-240} --seed 1 \
   --generation-deterministic \
   --request-timeout 60 \
-  "$@" 2>&1 | tail -n 60
+  "$@"

@@ -88,3 +88,43 @@ fn tiny_gpt_neox_matches_transformers() {
 fn default_gguf_model_matches_transformers() {
     check(default_model(), &golden("smollm2"));
 }
+
+#[test]
+fn sharded_safetensors_with_an_index_load_like_one_file() {
+    use std::collections::HashMap;
+    let src = fixtures_dir().join("golden/llama");
+    let dir = std::env::temp_dir().join(format!("emend-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let all =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut names: Vec<String> = all.keys().cloned().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let shard: HashMap<String, candle_core::Tensor> =
+            part.iter().map(|n| (n.clone(), all[n].clone())).collect();
+        candle_core::safetensors::save(&shard, dir.join(file)).unwrap();
+        for n in part {
+            map.insert(n.clone(), file.into());
+        }
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let m = LoadedModel::load(
+        &ModelSource::from_path(&dir).unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    check(&m, &golden("llama"));
+}

@@ -18,7 +18,12 @@ fn client() -> Client {
     Client::new()
 }
 
-async fn call(method: reqwest::Method, path: &str, key: Option<&str>, body: Option<Value>) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+async fn call(
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value, reqwest::header::HeaderMap) {
     let mut r = client().request(method, format!("{}{path}", server()));
     if let Some(k) = key {
         r = r.bearer_auth(k);
@@ -54,12 +59,21 @@ fn assert_problem(v: &Value, status: u16, code: &str) {
     assert_eq!(v["status"], status, "{v}");
     assert_eq!(v["code"], code, "{v}");
     assert_eq!(v["type"], format!("/problems/{code}"), "{v}");
-    assert!(v["title"].is_string() && v["detail"].is_string() && v["request_id"].is_string(), "{v}");
+    assert!(
+        v["title"].is_string() && v["detail"].is_string() && v["request_id"].is_string(),
+        "{v}"
+    );
 }
 
 #[tokio::test]
 async fn session_lifecycle_and_fork() {
-    let (s, v, h) = call(reqwest::Method::POST, "/v1/sessions", Some(ALICE), Some(json!({"name": "lifecycle"}))).await;
+    let (s, v, h) = call(
+        reqwest::Method::POST,
+        "/v1/sessions",
+        Some(ALICE),
+        Some(json!({"name": "lifecycle"})),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED);
     let id = v["id"].as_str().unwrap();
     assert_eq!(h["location"], format!("/v1/sessions/{id}").as_str());
@@ -72,17 +86,40 @@ async fn session_lifecycle_and_fork() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(got, v);
     let (_, list) = get("/v1/sessions", ALICE).await;
-    assert!(list["sessions"].as_array().unwrap().iter().any(|s| s["id"] == id));
+    assert!(list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["id"] == id));
 
-    let (s, fork) = post("/v1/sessions", ALICE, json!({"from": {"session": id, "version": 0}})).await;
+    let (s, fork) = post(
+        "/v1/sessions",
+        ALICE,
+        json!({"from": {"session": id, "version": 0}}),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(fork["parent"], json!({"session": id, "version": 0}));
-    let (s, p) = post("/v1/sessions", ALICE, json!({"from": {"session": id, "version": 5}})).await;
+    let (s, p) = post(
+        "/v1/sessions",
+        ALICE,
+        json!({"from": {"session": id, "version": 5}}),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_problem(&p, 422, "invalid_field");
-    assert!(p["detail"].as_str().unwrap().contains("`from.version`"), "{p}");
+    assert!(
+        p["detail"].as_str().unwrap().contains("`from.version`"),
+        "{p}"
+    );
 
-    let (s, _, _) = call(reqwest::Method::DELETE, &format!("/v1/sessions/{id}"), Some(ALICE), None).await;
+    let (s, _, _) = call(
+        reqwest::Method::DELETE,
+        &format!("/v1/sessions/{id}"),
+        Some(ALICE),
+        None,
+    )
+    .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, p) = get(&format!("/v1/sessions/{id}"), ALICE).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
@@ -97,7 +134,10 @@ async fn generate_plain_and_streamed_agree() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["text"], " Paris.\n\nThe answer is:");
     assert_eq!(v["finish_reason"], "length");
-    assert_eq!(v["usage"], json!({"prompt_tokens": 5, "completion_tokens": 8}));
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 5, "completion_tokens": 8})
+    );
 
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
@@ -135,10 +175,15 @@ async fn generate_plain_and_streamed_agree() {
 #[tokio::test]
 async fn loglikelihood_matches_the_reference() {
     let id = new_session(ALICE).await;
-    let (s, v) = post(&format!("/v1/sessions/{id}/loglikelihood"), ALICE, json!({"requests": [
-        {"context": "The capital of France is", "continuation": " Paris"},
-        {"context": "The capital of France is", "continuation": " Berlin"},
-    ]})).await;
+    let (s, v) = post(
+        &format!("/v1/sessions/{id}/loglikelihood"),
+        ALICE,
+        json!({"requests": [
+            {"context": "The capital of France is", "continuation": " Paris"},
+            {"context": "The capital of France is", "continuation": " Berlin"},
+        ]}),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let r = v["results"].as_array().unwrap();
     assert!((r[0]["logprob"].as_f64().unwrap() + 0.25807).abs() < 1e-3);
@@ -148,8 +193,18 @@ async fn loglikelihood_matches_the_reference() {
 }
 
 async fn tokenize(s: &str) -> Vec<u32> {
-    let (_, v) = post("/tokenize", ALICE, json!({"prompt": s, "add_special_tokens": false})).await;
-    v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    let (_, v) = post(
+        "/tokenize",
+        ALICE,
+        json!({"prompt": s, "add_special_tokens": false}),
+    )
+    .await;
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// lm-eval's client: `ll = sum(token_logprobs[ctxlen:-1])`, greedy iff each equals the max of
@@ -163,7 +218,12 @@ fn lm_eval_parse(choice: &Value, ctxlen: usize) -> (f64, bool) {
     for j in ctxlen..n - 1 {
         let x = lp[j].as_f64().unwrap();
         ll += x;
-        let best = top[j].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).fold(f64::NEG_INFINITY, f64::max);
+        let best = top[j]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::NEG_INFINITY, f64::max);
         greedy &= x == best;
     }
     (ll, greedy)
@@ -173,10 +233,14 @@ fn lm_eval_parse(choice: &Value, ctxlen: usize) -> (f64, bool) {
 async fn completions_follow_the_lm_eval_contract() {
     let sid = new_session(ALICE).await;
     // " Paris" is 7042 after "The capital of France is"; " Berlin" is not greedy.
-    let ctx = vec![504, 3575, 282, 4649, 314];
+    let ctx = [504u32, 3575, 282, 4649, 314];
     let paris: Vec<u32> = ctx.iter().copied().chain([7042]).collect();
     assert_eq!(tokenize(" Paris").await, vec![7042]);
-    let berlin: Vec<u32> = ctx.iter().copied().chain(tokenize(" Berlin").await).collect();
+    let berlin: Vec<u32> = ctx
+        .iter()
+        .copied()
+        .chain(tokenize(" Berlin").await)
+        .collect();
     let payload = json!({"model": format!("session:{sid}"), "prompt": [paris, berlin],
         "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": true, "some_future_field": {"x": 1}});
     let (s, v) = post("/v1/completions", ALICE, payload).await;
@@ -198,8 +262,13 @@ async fn completions_follow_the_lm_eval_contract() {
     assert!(!greedy_b);
 
     // the pre-2024 harness: max_tokens 0, logprobs 10 -> only the prompt's entries
-    let (s, v) = post("/v1/completions", ALICE, json!({"model": "base", "prompt": [504, 3575, 282, 4649, 314, 7042],
-        "max_tokens": 0, "logprobs": 10, "echo": true, "temperature": 0})).await;
+    let (s, v) = post(
+        "/v1/completions",
+        ALICE,
+        json!({"model": "base", "prompt": [504, 3575, 282, 4649, 314, 7042],
+        "max_tokens": 0, "logprobs": 10, "echo": true, "temperature": 0}),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let c = &v["choices"][0];
     assert_eq!(c["logprobs"]["token_logprobs"].as_array().unwrap().len(), 6);
@@ -215,9 +284,17 @@ async fn completions_follow_the_lm_eval_contract() {
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
 
     // OpenAI error envelope on OpenAI routes
-    let (s, v) = post("/v1/completions", ALICE, json!({"model": "nope", "prompt": "x"})).await;
+    let (s, v) = post(
+        "/v1/completions",
+        ALICE,
+        json!({"model": "nope", "prompt": "x"}),
+    )
+    .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    assert!(v["error"]["message"].as_str().unwrap().contains("nope"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("nope"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -225,7 +302,12 @@ async fn tokenizer_probes_answer_like_the_harness_expects() {
     let (s, v, _) = call(reqwest::Method::GET, "/tokenizer_info", None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["eos_token"], "<|im_end|>");
-    let (_, t) = post("/tokenize", ALICE, json!({"prompt": "<|im_end|>", "add_special_tokens": false})).await;
+    let (_, t) = post(
+        "/tokenize",
+        ALICE,
+        json!({"prompt": "<|im_end|>", "add_special_tokens": false}),
+    )
+    .await;
     assert_eq!(t["tokens"], json!([2]));
     let (_, d) = post("/detokenize", ALICE, json!({"tokens": [504, 3575]})).await;
     assert_eq!(d["prompt"], "The capital");
@@ -236,31 +318,92 @@ async fn bad_input_gets_a_problem_naming_the_limit() {
     let id = new_session(ALICE).await;
     let gen = format!("/v1/sessions/{id}/generate");
     let cases: Vec<(Value, u16, &str, &str)> = vec![
-        (json!({"prompt": "hi", "max_tokens": 0}), 422, "invalid_field", "`max_tokens`"),
-        (json!({"prompt": "hi", "max_tokens": 100000}), 422, "invalid_field", "`max_tokens`"),
-        (json!({"prompt": "hi", "temperature": 5.0}), 422, "invalid_field", "`temperature`"),
-        (json!({"prompt": "hi", "top_p": 0.0}), 422, "invalid_field", "`top_p`"),
-        (json!({"prompt": "hi", "stop": vec!["x"; 40]}), 422, "invalid_field", "`stop`"),
-        (json!({"prompt": "hi", "bogus": 1}), 422, "invalid_field", "bogus"),
+        (
+            json!({"prompt": "hi", "max_tokens": 0}),
+            422,
+            "invalid_field",
+            "`max_tokens`",
+        ),
+        (
+            json!({"prompt": "hi", "max_tokens": 100000}),
+            422,
+            "invalid_field",
+            "`max_tokens`",
+        ),
+        (
+            json!({"prompt": "hi", "temperature": 5.0}),
+            422,
+            "invalid_field",
+            "`temperature`",
+        ),
+        (
+            json!({"prompt": "hi", "top_p": 0.0}),
+            422,
+            "invalid_field",
+            "`top_p`",
+        ),
+        (
+            json!({"prompt": "hi", "stop": vec!["x"; 40]}),
+            422,
+            "invalid_field",
+            "`stop`",
+        ),
+        (
+            json!({"prompt": "hi", "bogus": 1}),
+            422,
+            "invalid_field",
+            "bogus",
+        ),
         (json!({"max_tokens": 4}), 422, "invalid_field", "`prompt`"),
-        (json!({"prompt": "word ".repeat(9000), "max_tokens": 4}), 422, "context_overflow", "8192"),
+        (
+            json!({"prompt": "word ".repeat(9000), "max_tokens": 4}),
+            422,
+            "context_overflow",
+            "8192",
+        ),
     ];
     for (body, status, code, needle) in cases {
         let (s, p) = post(&gen, ALICE, body.clone()).await;
         assert_eq!(s.as_u16(), status, "{body}: {p}");
         assert_problem(&p, status, code);
-        assert!(p["detail"].as_str().unwrap().contains(needle), "{body}: {p}");
+        assert!(
+            p["detail"].as_str().unwrap().contains(needle),
+            "{body}: {p}"
+        );
         assert_eq!(p["instance"], gen);
     }
-    let (s, p) = post(&format!("/v1/sessions/{id}/loglikelihood"), ALICE, json!({"requests": []})).await;
+    let (s, p) = post(
+        &format!("/v1/sessions/{id}/loglikelihood"),
+        ALICE,
+        json!({"requests": []}),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(p["detail"].as_str().unwrap().contains("`requests`"));
-    let (s, p) = post(&format!("/v1/sessions/{id}/loglikelihood"), ALICE, json!({"requests": [{"context": "a", "continuation": ""}]})).await;
+    let (s, p) = post(
+        &format!("/v1/sessions/{id}/loglikelihood"),
+        ALICE,
+        json!({"requests": [{"context": "a", "continuation": ""}]}),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(p["detail"].as_str().unwrap().contains("`requests[0].continuation`"), "{p}");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("`requests[0].continuation`"),
+        "{p}"
+    );
 
     // malformed JSON, oversized body
-    let r = client().post(format!("{}{gen}", server())).bearer_auth(ALICE).header("content-type", "application/json").body("{").send().await.unwrap();
+    let r = client()
+        .post(format!("{}{gen}", server()))
+        .bearer_auth(ALICE)
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     let big = json!({"prompt": "x".repeat(2 << 20)});
@@ -280,14 +423,39 @@ async fn tenants_see_only_their_own_sessions() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_problem(&p, 404, "not_found");
     let (_, list) = get("/v1/sessions", BOB).await;
-    assert!(list["sessions"].as_array().unwrap().iter().all(|s| s["owner"] == "bob" && s["id"] != a.as_str()));
-    let (s, _) = post(&format!("/v1/sessions/{a}/generate"), BOB, json!({"prompt": "hi", "max_tokens": 2})).await;
+    assert!(list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["owner"] == "bob" && s["id"] != a.as_str()));
+    let (s, _) = post(
+        &format!("/v1/sessions/{a}/generate"),
+        BOB,
+        json!({"prompt": "hi", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = post("/v1/completions", BOB, json!({"model": format!("session:{a}"), "prompt": "hi", "max_tokens": 2})).await;
+    let (s, _) = post(
+        "/v1/completions",
+        BOB,
+        json!({"model": format!("session:{a}"), "prompt": "hi", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _, _) = call(reqwest::Method::DELETE, &format!("/v1/sessions/{a}"), Some(BOB), None).await;
+    let (s, _, _) = call(
+        reqwest::Method::DELETE,
+        &format!("/v1/sessions/{a}"),
+        Some(BOB),
+        None,
+    )
+    .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = post("/v1/sessions", BOB, json!({"from": {"session": a, "version": 0}})).await;
+    let (s, _) = post(
+        "/v1/sessions",
+        BOB,
+        json!({"from": {"session": a, "version": 0}}),
+    )
+    .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // no key, wrong key
     let (s, p, _) = call(reqwest::Method::GET, "/v1/sessions", None, None).await;
@@ -310,19 +478,46 @@ async fn health_metrics_docs_and_openapi() {
     assert_eq!(m["sha256"], emend::setup::DEFAULT_SHA256);
     assert_eq!(m["context_length"], 8192);
     let id = new_session(ALICE).await;
-    post(&format!("/v1/sessions/{id}/generate"), ALICE, json!({"prompt": "Hi", "max_tokens": 2})).await;
+    post(
+        &format!("/v1/sessions/{id}/generate"),
+        ALICE,
+        json!({"prompt": "Hi", "max_tokens": 2}),
+    )
+    .await;
     let (_, metrics, _) = call(reqwest::Method::GET, "/metrics", None, None).await;
     let text = metrics.as_str().unwrap();
-    for name in ["emend_http_requests_total", "emend_http_request_duration_seconds", "emend_queue_depth", "emend_queue_wait_seconds",
-        "emend_time_to_first_token_seconds", "emend_generation_tokens_total", "emend_prompt_tokens_total", "emend_sessions",
-        "emend_model_load_seconds"] {
+    for name in [
+        "emend_http_requests_total",
+        "emend_http_request_duration_seconds",
+        "emend_queue_depth",
+        "emend_queue_wait_seconds",
+        "emend_time_to_first_token_seconds",
+        "emend_generation_tokens_total",
+        "emend_prompt_tokens_total",
+        "emend_sessions",
+        "emend_model_load_seconds",
+    ] {
         assert!(text.contains(name), "missing {name}");
     }
-    assert!(text.contains(r#"route="/v1/sessions/{id}/generate""#), "route label is the pattern");
+    assert!(
+        text.contains(r#"route="/v1/sessions/{id}/generate""#),
+        "route label is the pattern"
+    );
     let (_, spec, _) = call(reqwest::Method::GET, "/openapi.json", None, None).await;
-    let committed: Value = serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json")).unwrap()).unwrap();
-    assert_eq!(spec, committed, "openapi/openapi.json is stale: run `emend openapi > openapi/openapi.json`");
-    let docs = client().get(format!("{}/docs/", server())).send().await.unwrap();
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        spec, committed,
+        "openapi/openapi.json is stale: run `emend openapi > openapi/openapi.json`"
+    );
+    let docs = client()
+        .get(format!("{}/docs/", server()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(docs.status(), StatusCode::OK);
     assert!(docs.text().await.unwrap().contains("swagger"));
     let (s, t, _) = call(reqwest::Method::GET, "/problems/overloaded", None, None).await;
@@ -338,13 +533,22 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let url = spawn_in_process(cfg);
     let c = client();
     let (s, v) = {
-        let r = c.post(format!("{url}/v1/sessions")).bearer_auth(ALICE).json(&json!({})).send().await.unwrap();
+        let r = c
+            .post(format!("{url}/v1/sessions"))
+            .bearer_auth(ALICE)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
         (r.status(), r.json::<Value>().await.unwrap())
     };
     assert_eq!(s, StatusCode::CREATED);
     let id = v["id"].as_str().unwrap().to_string();
     let reqs = (0..6).map(|_| {
-        c.post(format!("{url}/v1/sessions/{id}/generate")).bearer_auth(ALICE).json(&json!({"prompt": "Once upon a time", "max_tokens": 48})).send()
+        c.post(format!("{url}/v1/sessions/{id}/generate"))
+            .bearer_auth(ALICE)
+            .json(&json!({"prompt": "Once upon a time", "max_tokens": 48}))
+            .send()
     });
     let resps = futures_util::future::join_all(reqs).await;
     let mut ok = 0;
@@ -385,18 +589,47 @@ async fn restart_keeps_sessions(db: Option<&str>) {
     let first = ChildServer::start(&dir, db);
     let mut ids = Vec::new();
     for i in 0..3 {
-        let r = c.post(format!("{}/v1/sessions", first.url)).json(&json!({"name": format!("s{i}")})).send().await.unwrap();
+        let r = c
+            .post(format!("{}/v1/sessions", first.url))
+            .json(&json!({"name": format!("s{i}")}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
         ids.push(r.json::<Value>().await.unwrap());
     }
     let gone = ids.pop().unwrap();
-    let r = c.delete(format!("{}/v1/sessions/{}", first.url, gone["id"].as_str().unwrap())).send().await.unwrap();
+    let r = c
+        .delete(format!(
+            "{}/v1/sessions/{}",
+            first.url,
+            gone["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     first.kill9();
     let second = ChildServer::start(&dir, db);
-    let list: Value = c.get(format!("{}/v1/sessions", second.url)).send().await.unwrap().json().await.unwrap();
-    let got: Vec<&Value> = list["sessions"].as_array().unwrap().iter().filter(|s| ids.iter().any(|i| i["id"] == s["id"]) || s["id"] == gone["id"]).collect();
-    assert_eq!(got.len(), 2, "both live sessions restored, the deleted one stays deleted: {list}");
+    let list: Value = c
+        .get(format!("{}/v1/sessions", second.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let got: Vec<&Value> = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| ids.iter().any(|i| i["id"] == s["id"]) || s["id"] == gone["id"])
+        .collect();
+    assert_eq!(
+        got.len(),
+        2,
+        "both live sessions restored, the deleted one stays deleted: {list}"
+    );
     for (g, want) in got.iter().zip(&ids) {
         assert_eq!(*g, want);
     }

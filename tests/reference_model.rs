@@ -286,3 +286,46 @@ fn stop_strings_end_generation_before_the_stop() {
         emend::engine::model::generate::FinishReason::Stop
     );
 }
+
+#[test]
+fn rolling_loglikelihood_with_one_window_equals_an_empty_context_score() {
+    use emend::engine::model::score::loglikelihood_rolling;
+    let m = default_model();
+    let text = "Knowledge editing rewrites facts. It can also damage the model.";
+    let n = m.tokenizer.encode_plain(text).unwrap().len();
+    let (whole, count) = loglikelihood_rolling(
+        m.model.as_ref(),
+        &m.tokenizer,
+        text,
+        None,
+        DEFAULT_TOKEN_BUDGET,
+    )
+    .unwrap();
+    assert_eq!(count, n);
+    let pair = loglikelihood(
+        m.model.as_ref(),
+        &m.tokenizer,
+        &[(String::new(), text.to_string())],
+        DEFAULT_TOKEN_BUDGET,
+    )
+    .unwrap();
+    assert!(
+        (whole - pair[0].logprob).abs() < 1e-3,
+        "{whole} vs {}",
+        pair[0].logprob
+    );
+    // short windows still score every token once, with less context
+    let (windowed, count) = loglikelihood_rolling(
+        m.model.as_ref(),
+        &m.tokenizer,
+        text,
+        Some(4),
+        DEFAULT_TOKEN_BUDGET,
+    )
+    .unwrap();
+    assert_eq!(count, n);
+    assert!(
+        windowed.is_finite() && windowed < whole,
+        "{windowed} vs {whole}"
+    );
+}

@@ -29,6 +29,7 @@ codes! {
     ContextOverflow, "context_overflow", UNPROCESSABLE_ENTITY, "The input does not fit the model's context";
     Unauthorized, "unauthorized", UNAUTHORIZED, "A valid API key is required";
     NotFound, "not_found", NOT_FOUND, "No such resource";
+    MethodNotAllowed, "method_not_allowed", METHOD_NOT_ALLOWED, "The path does not accept this method";
     PayloadTooLarge, "payload_too_large", PAYLOAD_TOO_LARGE, "The request body exceeds the size limit";
     Overloaded, "overloaded", TOO_MANY_REQUESTS, "The server is at capacity; retry later";
     Unavailable, "unavailable", SERVICE_UNAVAILABLE, "The service is not ready or is shutting down";
@@ -186,6 +187,7 @@ impl ResponseError for OpenAiError {
             | Code::PayloadTooLarge => "invalid_request_error",
             Code::Unauthorized => "authentication_error",
             Code::NotFound => "not_found_error",
+            Code::MethodNotAllowed => "invalid_request_error",
             Code::Overloaded => "rate_limit_error",
             Code::Unavailable | Code::Internal => "server_error",
         };

@@ -6,18 +6,20 @@ use tokio::sync::{mpsc, oneshot};
 use utoipa::ToSchema;
 
 use super::error::Problem;
-use super::{ApiError, AppState, Code, Limits, Tenant};
+use super::{ApiError, AppState, Body, Code, Limits, Tenant};
 use crate::engine::model::generate::{FinishReason, GenParams, Generation};
 use crate::engine::model::sampling::Sampling;
 use crate::engine::model::tokenizer::ChatMessage;
 use crate::engine::worker::{GenEvent, Lane, ModelView, Work};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/sessions/{id}/generate", web::post().to(generate))
-        .route(
-            "/v1/sessions/{id}/loglikelihood",
-            web::post().to(loglikelihood),
-        );
+    cfg.service(
+        super::resource("/v1/sessions/{id}/generate", "POST").route(web::post().to(generate)),
+    )
+    .service(
+        super::resource("/v1/sessions/{id}/loglikelihood", "POST")
+            .route(web::post().to(loglikelihood)),
+    );
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -89,6 +91,8 @@ pub struct LoglikelihoodItem {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoglikelihoodRequest {
+    /// At most `max_batch_items` (configuration, default 256).
+    #[schema(min_items = 1)]
     pub requests: Vec<LoglikelihoodItem>,
 }
 
@@ -298,16 +302,17 @@ where
 
 #[utoipa::path(post, path = "/v1/sessions/{id}/generate", tag = "inference", params(("id" = String, Path)),
     request_body = GenerateRequest,
-    responses((status = 200, description = "JSON, or `text/event-stream` when `stream` is true", body = GenerateResponse),
+    responses((status = 200, description = "JSON, or server-sent events when `stream` is true",
+               content((GenerateResponse = "application/json"), (String = "text/event-stream"))),
               (status = 404, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
 async fn generate(
     state: web::Data<AppState>,
     tenant: Tenant,
     id: web::Path<String>,
-    body: web::Json<GenerateRequest>,
+    body: Body<GenerateRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let session = state.sessions.get(&tenant.0, &id)?;
-    let body = body.into_inner();
+    let body = body.0;
     let text = match (&body.prompt, &body.messages) {
         (Some(p), None) => p.clone(),
         (None, Some(m)) => render_messages(&state, m)?,
@@ -386,10 +391,10 @@ async fn loglikelihood(
     state: web::Data<AppState>,
     tenant: Tenant,
     id: web::Path<String>,
-    body: web::Json<LoglikelihoodRequest>,
+    body: Body<LoglikelihoodRequest>,
 ) -> Result<web::Json<LoglikelihoodResponse>, ApiError> {
     let session = state.sessions.get(&tenant.0, &id)?;
-    let reqs = body.into_inner().requests;
+    let reqs = body.0.requests;
     let max = state.limits.max_batch_items;
     if reqs.is_empty() || reqs.len() > max {
         return Err(ApiError::field(

@@ -190,6 +190,19 @@ async fn observe(
     }
 }
 
+/// A resource whose unlisted methods answer 405 with `Allow` and a problem body.
+pub(crate) fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move || async move {
+        let mut r = ApiError::new(Code::MethodNotAllowed, format!("this path accepts {allow}"))
+            .error_response();
+        r.headers_mut().insert(
+            actix_web::http::header::ALLOW,
+            actix_web::http::header::HeaderValue::from_static(allow),
+        );
+        r
+    }))
+}
+
 /// Registers every route (the OpenAPI document lists the same set; a test checks it).
 pub fn routes(cfg: &mut web::ServiceConfig) {
     system::routes(cfg);
@@ -210,7 +223,42 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-fn json_error(err: actix_web::error::JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
+/// A JSON request body that must be an object (serde would also read a struct from an array).
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + 'static> FromRequest for Body<T> {
+    type Error = actix_web::Error;
+    type Future = futures_util::future::LocalBoxFuture<'static, Result<Self, actix_web::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let value = web::Json::<serde_json::Value>::from_request(req, payload);
+        let path = req.path().to_string();
+        Box::pin(async move {
+            let v = value.await?.into_inner();
+            let parsed = if v.is_object() {
+                serde_json::from_value(v)
+                    .map_err(|e| ApiError::new(Code::InvalidField, e.to_string()))
+            } else {
+                Err(ApiError::new(
+                    Code::InvalidField,
+                    "the body must be a JSON object",
+                ))
+            };
+            parsed.map(Body).map_err(|e| family_error(&path, e))
+        })
+    }
+}
+
+/// An error in the envelope of the route family the path belongs to.
+fn family_error(path: &str, e: ApiError) -> actix_web::Error {
+    if openapi::OPENAI_PATHS.contains(&path) {
+        error::OpenAiError(e).into()
+    } else {
+        e.into()
+    }
+}
+
+fn json_error(err: actix_web::error::JsonPayloadError, req: &HttpRequest) -> actix_web::Error {
     use actix_web::error::JsonPayloadError as J;
     let e = match &err {
         J::OverflowKnownLength { length, limit } => ApiError::new(
@@ -228,7 +276,7 @@ fn json_error(err: actix_web::error::JsonPayloadError, _req: &HttpRequest) -> ac
         J::Deserialize(d) if d.is_data() => ApiError::new(Code::InvalidField, d.to_string()),
         _ => ApiError::new(Code::MalformedRequest, err.to_string()),
     };
-    e.into()
+    family_error(req.path(), e)
 }
 
 fn path_error(err: actix_web::error::PathError, _req: &HttpRequest) -> actix_web::Error {
@@ -272,13 +320,15 @@ mod tests {
 
     #[actix_web::test]
     async fn a_panicking_handler_answers_500_with_a_problem() {
-        let app = atest::init_service(
-            App::new()
-                .wrap(from_fn(observe))
-                .route("/boom", web::get().to(|| async { panic!("boom") as actix_web::HttpResponse })),
-        )
+        let app = atest::init_service(App::new().wrap(from_fn(observe)).route(
+            "/boom",
+            web::get().to(|| async { panic!("boom") as actix_web::HttpResponse }),
+        ))
         .await;
-        let req = atest::TestRequest::get().uri("/boom").insert_header(("x-request-id", "req-42")).to_request();
+        let req = atest::TestRequest::get()
+            .uri("/boom")
+            .insert_header(("x-request-id", "req-42"))
+            .to_request();
         // The server turns a middleware error into its response, as done here.
         let res = match atest::try_call_service(&app, req).await {
             Ok(r) => r.into_parts().1,
@@ -286,13 +336,19 @@ mod tests {
         };
         assert_eq!(res.status(), 500);
         assert_eq!(res.headers().get("x-request-id").unwrap(), "req-42");
-        assert_eq!(res.headers().get("content-type").unwrap(), "application/problem+json");
+        assert_eq!(
+            res.headers().get("content-type").unwrap(),
+            "application/problem+json"
+        );
         let bytes = actix_web::body::to_bytes(res.into_body()).await.unwrap();
         let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(body["code"], "internal");
         assert_eq!(body["request_id"], "req-42");
         assert_eq!(body["instance"], "/boom");
-        assert!(!body["detail"].as_str().unwrap().contains("boom"), "panic text is not shown to clients");
+        assert!(
+            !body["detail"].as_str().unwrap().contains("boom"),
+            "panic text is not shown to clients"
+        );
     }
 
     #[test]

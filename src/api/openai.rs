@@ -13,18 +13,19 @@ use super::error::OpenAiError;
 use super::inference::{
     finish, gen_params, render_messages, sse, submit_generation, Message, SamplingFields,
 };
-use super::{ApiError, AppState, Code, Tenant};
+use super::{ApiError, AppState, Body, Code, Tenant};
 use crate::engine::model::generate::{FinishReason, Generation};
 use crate::engine::model::score::TokenScores;
 use crate::engine::worker::{Lane, ModelView, Work};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/completions", web::post().to(completions))
-        .route("/v1/chat/completions", web::post().to(chat_completions))
-        .route("/v1/models", web::get().to(models))
-        .route("/tokenizer_info", web::get().to(tokenizer_info))
-        .route("/tokenize", web::post().to(tokenize))
-        .route("/detokenize", web::post().to(detokenize));
+    use super::resource;
+    cfg.service(resource("/v1/completions", "POST").route(web::post().to(completions)))
+        .service(resource("/v1/chat/completions", "POST").route(web::post().to(chat_completions)))
+        .service(resource("/v1/models", "GET").route(web::get().to(models)))
+        .service(resource("/tokenizer_info", "GET").route(web::get().to(tokenizer_info)))
+        .service(resource("/tokenize", "POST").route(web::post().to(tokenize)))
+        .service(resource("/detokenize", "POST").route(web::post().to(detokenize)));
 }
 
 /// A prompt as text, texts, token ids, or batches of token ids.
@@ -55,7 +56,8 @@ impl StopInput {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CompletionRequest {
-    /// `session:<id>`, or the base model's id (see `/v1/models`).
+    /// `session:<id>`, or the base model's id (see `/v1/models`); `base` also names it.
+    #[schema(example = "base")]
     pub model: String,
     pub prompt: PromptInput,
     #[serde(default = "default_max_tokens")]
@@ -71,7 +73,9 @@ pub struct CompletionRequest {
     pub echo: bool,
     /// Return log-probs with this many alternatives per position.
     pub logprobs: Option<usize>,
+    /// Only 1 is supported.
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: usize,
     #[serde(default)]
     pub stream: bool,
@@ -86,6 +90,8 @@ fn one() -> usize {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
+    /// `session:<id>`, or the base model's id; `base` also names it.
+    #[schema(example = "base")]
     pub model: String,
     pub messages: Vec<Message>,
     #[serde(default = "default_chat_max_tokens")]
@@ -96,7 +102,9 @@ pub struct ChatCompletionRequest {
     pub top_k: Option<usize>,
     pub seed: Option<u64>,
     pub stop: Option<StopInput>,
+    /// Only 1 is supported.
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: usize,
     #[serde(default)]
     pub stream: bool,
@@ -286,14 +294,14 @@ fn prompt_ids(state: &AppState, p: PromptInput) -> Result<Vec<Vec<u32>>, ApiErro
 }
 
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest,
-    responses((status = 200, body = CompletionResponse), (status = 404, description = "unknown model"),
-              (status = 422, description = "invalid request"), (status = 429, description = "overloaded")))]
+    responses((status = 200, description = "JSON, or server-sent events when `stream` is true",
+               content((CompletionResponse = "application/json"), (String = "text/event-stream")))))]
 async fn completions(
     state: web::Data<AppState>,
     tenant: Tenant,
-    body: web::Json<CompletionRequest>,
+    body: Body<CompletionRequest>,
 ) -> Result<HttpResponse, OpenAiError> {
-    let req = body.into_inner();
+    let req = body.0;
     let view = resolve_model(&state, &tenant, &req.model)?;
     if req.n != 1 {
         return Err(ApiError::field("n", format_args!("must be 1. Given: {}", req.n)).into());
@@ -553,14 +561,14 @@ fn render_logprobs(
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest,
-    responses((status = 200, body = ChatCompletionResponse), (status = 404, description = "unknown model"),
-              (status = 422, description = "invalid request"), (status = 429, description = "overloaded")))]
+    responses((status = 200, description = "JSON, or server-sent events when `stream` is true",
+               content((ChatCompletionResponse = "application/json"), (String = "text/event-stream")))))]
 async fn chat_completions(
     state: web::Data<AppState>,
     tenant: Tenant,
-    body: web::Json<ChatCompletionRequest>,
+    body: Body<ChatCompletionRequest>,
 ) -> Result<HttpResponse, OpenAiError> {
-    let req = body.into_inner();
+    let req = body.0;
     let view = resolve_model(&state, &tenant, &req.model)?;
     if req.n != 1 {
         return Err(ApiError::field("n", format_args!("must be 1. Given: {}", req.n)).into());
@@ -683,13 +691,13 @@ async fn tokenizer_info(state: web::Data<AppState>) -> web::Json<TokenizerInfo> 
 #[utoipa::path(post, path = "/tokenize", tag = "tokenizer", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse)))]
 async fn tokenize(
     state: web::Data<AppState>,
-    body: web::Json<TokenizeRequest>,
+    body: Body<TokenizeRequest>,
 ) -> Result<web::Json<TokenizeResponse>, OpenAiError> {
     let t = state.engine.tokenizer();
-    let tokens = if body.add_special_tokens {
-        t.encode(&body.prompt)?
+    let tokens = if body.0.add_special_tokens {
+        t.encode(&body.0.prompt)?
     } else {
-        t.encode_plain(&body.prompt)?
+        t.encode_plain(&body.0.prompt)?
     };
     Ok(web::Json(TokenizeResponse { tokens }))
 }
@@ -697,10 +705,10 @@ async fn tokenize(
 #[utoipa::path(post, path = "/detokenize", tag = "tokenizer", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse)))]
 async fn detokenize(
     state: web::Data<AppState>,
-    body: web::Json<DetokenizeRequest>,
+    body: Body<DetokenizeRequest>,
 ) -> Result<web::Json<DetokenizeResponse>, OpenAiError> {
     let vocab = state.engine.info().spec.vocab_size as u32;
-    if let Some(bad) = body.tokens.iter().find(|&&t| t >= vocab) {
+    if let Some(bad) = body.0.tokens.iter().find(|&&t| t >= vocab) {
         return Err(ApiError::field(
             "tokens",
             format_args!("holds token id {bad}; the vocabulary has {vocab}"),
@@ -708,6 +716,6 @@ async fn detokenize(
         .into());
     }
     Ok(web::Json(DetokenizeResponse {
-        prompt: state.engine.tokenizer().decode(&body.tokens, false)?,
+        prompt: state.engine.tokenizer().decode(&body.0.tokens, false)?,
     }))
 }

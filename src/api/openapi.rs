@@ -33,8 +33,9 @@ use super::system::{Health, ModelDto};
         CompletionRequest, CompletionResponse, CompletionChoice, Logprobs, OpenAiUsage, PromptInput, StopInput,
         ChatCompletionRequest, ChatCompletionResponse, ChatChoice, ChatMessageOut, ModelList, ModelCard,
         TokenizerInfo, TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
+        OpenAiErrorBody, OpenAiErrorDetail,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonResponses),
     tags(
         (name = "sessions", description = "A session is the base model plus an ordered edit log"),
         (name = "inference", description = "Generation and scoring against a session"),
@@ -55,6 +56,102 @@ impl utoipa::Modify for BearerAuth {
             "api_key",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// OpenAI's error envelope, used on the OpenAI-compatible routes.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // documents the JSON built in `error.rs`
+pub struct OpenAiErrorBody {
+    error: OpenAiErrorDetail,
+}
+
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct OpenAiErrorDetail {
+    message: String,
+    #[schema(rename = "type")]
+    kind: String,
+    code: String,
+}
+
+/// Every operation documents the error statuses any request can meet (malformed body, auth,
+/// size, validation, overload, outage) with the body each route family sends, and problem
+/// bodies carry `application/problem+json`.
+struct CommonResponses;
+
+pub(crate) const OPENAI_PATHS: [&str; 6] = [
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/tokenizer_info",
+    "/tokenize",
+    "/detokenize",
+];
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let openai = OPENAI_PATHS.contains(&path.as_str());
+            let ops = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                for resp in op.responses.responses.values_mut() {
+                    if let RefOr::T(r) = resp {
+                        let problem = r.content.get("application/json").and_then(|c| c.schema.as_ref()).is_some_and(
+                            |s| matches!(s, RefOr::Ref(r) if r.ref_location.ends_with("/Problem")),
+                        );
+                        if problem {
+                            let c = r
+                                .content
+                                .shift_remove("application/json")
+                                .expect("checked above");
+                            r.content.insert("application/problem+json".into(), c);
+                        }
+                    }
+                }
+                for (code, what) in [
+                    ("400", "Malformed JSON"),
+                    ("401", "Missing or unknown API key"),
+                    ("404", "No such resource"),
+                    ("405", "Method not allowed"),
+                    ("413", "Body too large"),
+                    ("422", "Invalid field"),
+                    ("429", "Overloaded; see Retry-After"),
+                    ("500", "Internal error"),
+                    ("503", "Not ready or shutting down"),
+                ] {
+                    // 405 comes from the router, before any route family: always a problem body.
+                    let (ctype, schema) = if openai && code != "405" {
+                        ("application/json", "OpenAiErrorBody")
+                    } else {
+                        ("application/problem+json", "Problem")
+                    };
+                    op.responses
+                        .responses
+                        .entry(code.into())
+                        .or_insert_with(|| {
+                            RefOr::T(
+                                ResponseBuilder::new()
+                                    .description(what)
+                                    .content(
+                                        ctype,
+                                        ContentBuilder::new()
+                                            .schema(Some(Ref::from_schema_name(schema)))
+                                            .build(),
+                                    )
+                                    .build(),
+                            )
+                        });
+                }
+            }
+        }
     }
 }
 

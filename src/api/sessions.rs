@@ -4,17 +4,17 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::Problem;
-use super::{ApiError, AppState, Tenant};
+use super::{ApiError, AppState, Body, Tenant};
 use crate::sessions::Session;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
-        web::resource("/v1/sessions")
+        super::resource("/v1/sessions", "POST, GET")
             .route(web::post().to(create))
             .route(web::get().to(list)),
     )
     .service(
-        web::resource("/v1/sessions/{id}")
+        super::resource("/v1/sessions/{id}", "GET, DELETE")
             .route(web::get().to(get))
             .route(web::delete().to(delete)),
     );
@@ -85,9 +85,9 @@ pub const MAX_NAME: usize = 128;
 async fn create(
     state: web::Data<AppState>,
     tenant: Tenant,
-    body: web::Json<CreateSession>,
+    body: Body<CreateSession>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
+    let body = body.0;
     if let Some(n) = &body.name {
         if n.chars().count() > MAX_NAME {
             return Err(ApiError::field(

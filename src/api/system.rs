@@ -7,11 +7,12 @@ use super::error::Problem;
 use super::{ApiError, AppState, Code, Tenant};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/v1/model", web::get().to(model))
-        .route("/problems/{code}", web::get().to(problem_type));
+    use super::resource;
+    cfg.service(resource("/healthz", "GET").route(web::get().to(healthz)))
+        .service(resource("/readyz", "GET").route(web::get().to(readyz)))
+        .service(resource("/metrics", "GET").route(web::get().to(metrics)))
+        .service(resource("/v1/model", "GET").route(web::get().to(model)))
+        .service(resource("/problems/{code}", "GET").route(web::get().to(problem_type)));
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -21,7 +21,11 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 pub fn keys_config(data_dir: &Path) -> Config {
     Config {
         data_dir: data_dir.to_path_buf(),
-        api_keys: Some(format!("alice:{},bob:{}", sha256_hex(ALICE.as_bytes()), sha256_hex(BOB.as_bytes()))),
+        api_keys: Some(format!(
+            "alice:{},bob:{}",
+            sha256_hex(ALICE.as_bytes()),
+            sha256_hex(BOB.as_bytes())
+        )),
         ..Config::default()
     }
 }
@@ -34,9 +38,15 @@ pub fn spawn_in_process(cfg: Config) -> String {
     let addr = listener.local_addr().unwrap();
     let model_path = super::default_model_path();
     std::thread::spawn(move || {
-        let model = LoadedModel::load(&ModelSource::from_path(&model_path).unwrap(), &LoadOptions::default()).unwrap();
+        let model = LoadedModel::load(
+            &ModelSource::from_path(&model_path).unwrap(),
+            &LoadOptions::default(),
+        )
+        .unwrap();
         actix_web::rt::System::new().block_on(async move {
-            let running = emend::server::start(&cfg, keys, model, listener).await.unwrap();
+            let running = emend::server::start(&cfg, keys, model, listener)
+                .await
+                .unwrap();
             running.wait().await.unwrap();
         });
     });
@@ -70,12 +80,22 @@ pub struct ChildServer {
 
 impl ChildServer {
     pub fn start(data_dir: &Path, database_url: Option<&str>) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_emend"));
-        cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}"), "--data-dir", data_dir.to_str().unwrap()])
-            .env("EMEND_MODEL", super::default_model_path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "serve",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ])
+        .env("EMEND_MODEL", super::default_model_path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         if let Some(u) = database_url {
             cmd.args(["--database-url", u]);
         }

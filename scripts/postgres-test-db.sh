@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Starts a throwaway PostgreSQL 15 on 127.0.0.1:${PGPORT:-55432} (installing it with apt when
+# Starts a throwaway PostgreSQL 15 on 127.0.0.1 (installing it with apt when
 # missing) and prints the URL for EMEND_TEST_DATABASE_URL. Used by .ci/run.
 set -euo pipefail
-PORT=${PGPORT:-55432}
+# A free loopback port unless PGPORT says otherwise.
+PORT=${PGPORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
 if [ -z "$BIN" ] || [ ! -x "$BIN/initdb" ]; then
   apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2

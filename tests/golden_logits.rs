@@ -3,14 +3,12 @@
 //! `tests/fixtures/golden/`, and the default GGUF model.
 mod common;
 
-use candle_core::Tensor;
 use common::*;
-use emend::engine::model::{Architecture, Forward, LoadOptions, LoadedModel, ModelSource};
+use emend::engine::model::{Architecture, LoadOptions, LoadedModel, ModelSource};
 
 const TOL: f32 = 1e-3;
 
 fn check(m: &LoadedModel, golden: &serde_json::Value) {
-    let dev = m.model.device();
     let cases = golden["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 3);
     for case in cases {
@@ -21,16 +19,7 @@ fn check(m: &LoadedModel, golden: &serde_json::Value) {
             ids,
             "tokenization of {prompt:?}"
         );
-        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), dev).unwrap();
-        let mut fwd = Forward::new(1, ids.len(), dev);
-        let logits: Vec<Vec<f32>> = m
-            .model
-            .forward(&input, &mut fwd)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let logits = all_logits(m.model.as_ref(), &ids);
         let tops = case["top10_next"].as_array().unwrap();
         assert_eq!(tops.len(), ids.len(), "one row per position");
         let mut worst = 0f32;

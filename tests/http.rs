@@ -634,3 +634,50 @@ async fn restart_keeps_sessions(db: Option<&str>) {
         assert_eq!(*g, want);
     }
 }
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_generation_finish_then_exits_cleanly() {
+    let dir = temp_dir("sigterm");
+    let mut srv = ChildServer::start(&dir, None);
+    let c = client();
+    let s: Value = c
+        .post(format!("{}/v1/sessions", srv.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = s["id"].as_str().unwrap();
+    // headers arrive when streaming starts; the body is still being generated
+    let resp = c
+        .post(format!("{}/v1/sessions/{id}/generate", srv.url))
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 40, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &srv.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("event: done"),
+        "the in-flight stream completed: {text}"
+    );
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = srv.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "server did not exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "clean exit: {status:?}");
+}

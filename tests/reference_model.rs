@@ -58,19 +58,9 @@ fn chat_template_renders_like_transformers() {
 #[test]
 fn top10_logprobs_match_transformers_at_every_position() {
     let m = default_model();
-    let dev = m.model.device();
     for case in reference()["cases"].as_array().unwrap() {
         let ids = ids(&case["input_ids"]);
-        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), dev).unwrap();
-        let mut fwd = Forward::new(1, ids.len(), dev);
-        let logits: Vec<Vec<f32>> = m
-            .model
-            .forward(&input, &mut fwd)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let logits = all_logits(m.model.as_ref(), &ids);
         for (pos, top) in case["top10_next"].as_array().unwrap().iter().enumerate() {
             let lp = log_softmax(&logits[pos]);
             let ref_ids = common::ids(&top["ids"]);

@@ -67,3 +67,17 @@ pub fn log_softmax(row: &[f32]) -> Vec<f32> {
         + m;
     row.iter().map(|&x| x - lse).collect()
 }
+
+/// Logits at every position of one unpadded sequence: `(t, vocab)` rows.
+pub fn all_logits(model: &dyn emend::engine::model::CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
+    let dev = model.device();
+    let input = candle_core::Tensor::from_vec(ids.to_vec(), (1, ids.len()), dev).unwrap();
+    let mut fwd = emend::engine::model::Forward::new(1, ids.len(), dev);
+    model
+        .forward(&input, &mut fwd)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}

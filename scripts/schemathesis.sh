@@ -31,7 +31,7 @@ schemathesis run openapi/openapi.json \
   --checks all \
   --exclude-checks positive_data_acceptance \
   --max-examples "$EXAMPLES" \
-  --exclude-path /metrics --max-time ${MAX_TIME:-240} --seed 1 \
+  --exclude-path /metrics --max-time ${MAX_TIME:-150} --seed 1 \
   --generation-deterministic \
   --request-timeout 60 \
   "$@"

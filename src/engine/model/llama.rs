@@ -88,7 +88,7 @@ impl LlamaConfig {
             }
         }
         let n_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if self.num_attention_heads % n_kv_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(n_kv_heads) {
             return Err("num_attention_heads must be a multiple of num_key_value_heads".into());
         }
         let rope_theta = self

@@ -6,6 +6,7 @@ use actix_web::web;
 
 use crate::api::{self, AppState, Limits};
 use crate::config::{ApiKeys, Config};
+use crate::engine::editing::EditingEnv;
 use crate::engine::model::LoadedModel;
 use crate::engine::worker::{Engine, EngineLimits};
 use crate::metrics::Metrics;
@@ -32,7 +33,11 @@ pub async fn start(
         max_batch: cfg.max_generation_batch,
         ..EngineLimits::default()
     };
-    let engine = Engine::start(model, limits, metrics.clone());
+    let env = EditingEnv {
+        stats_dir: crate::setup::cache_dir().join("stats"),
+        data_dir: None,
+    };
+    let engine = Engine::start(model, limits, metrics.clone(), env);
     std::fs::create_dir_all(&cfg.data_dir)?;
     let store = Store::connect(&cfg.database_url()).await?;
     let sessions = Sessions::restore(store, metrics.clone()).await?;

@@ -59,6 +59,19 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("emend")
 }
 
+/// The dataset directory (laid out like `shared/data`) when none is configured:
+/// `$EMEND_DATA_DIR`, else `$EMEND_SHARED_DIR/data`, else `../shared/data` if it exists.
+pub fn default_datasets_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("EMEND_DATA_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("EMEND_SHARED_DIR") {
+        return Some(PathBuf::from(d).join("data"));
+    }
+    let p = PathBuf::from("../shared/data");
+    p.is_dir().then_some(p)
+}
+
 pub fn default_model_path(cache: &Path) -> PathBuf {
     cache.join("models").join(DEFAULT_FILE_NAME)
 }

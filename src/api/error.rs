@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::engine::editing::EditError;
 use crate::engine::model::ModelError;
 use crate::engine::worker::EngineError;
 use crate::sessions::SessionError;
@@ -137,6 +138,19 @@ impl From<ModelError> for ApiError {
     }
 }
 
+impl From<EditError> for ApiError {
+    fn from(e: EditError) -> Self {
+        match e {
+            EditError::Invalid { field, message } => Self::field(&field, message),
+            EditError::Model(m) => m.into(),
+            EditError::Stats(m) => {
+                tracing::error!(error = %m, "editing statistics failed");
+                Self::new(Code::Internal, format!("statistics: {m}"))
+            }
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
@@ -151,6 +165,7 @@ impl From<EngineError> for ApiError {
                 retry_after: Some(5),
             },
             EngineError::Model(m) => m.into(),
+            EngineError::Edit(e) => e.into(),
             EngineError::Panicked(_) | EngineError::Failed(_) => {
                 tracing::error!(error = %e, "engine failure");
                 Self::new(Code::Internal, "the engine failed on this request")

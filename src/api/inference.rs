@@ -10,6 +10,7 @@ use super::{ApiError, AppState, Body, Code, Limits, Tenant};
 use crate::engine::model::generate::{FinishReason, GenParams, Generation};
 use crate::engine::model::sampling::Sampling;
 use crate::engine::model::tokenizer::ChatMessage;
+use crate::engine::overlay::Overlay;
 use crate::engine::worker::{GenEvent, Lane, ModelView, Work};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -339,10 +340,7 @@ async fn generate(
             stop: &body.stop,
         },
     )?;
-    let view = ModelView {
-        session: Some(session.id.clone()),
-        version: session.version,
-    };
+    let view = ModelView::new(&session.id, session.version, Overlay::base());
     let rx = submit_generation(&state, view, ids, params)?;
     let (sid, version) = (session.id, session.version);
     if body.stream {
@@ -409,10 +407,7 @@ async fn loglikelihood(
         ));
     }
     let (tx, rx) = oneshot::channel();
-    let view = ModelView {
-        session: Some(session.id.clone()),
-        version: session.version,
-    };
+    let view = ModelView::new(&session.id, session.version, Overlay::base());
     let pairs = reqs
         .into_iter()
         .map(|r| (r.context, r.continuation))

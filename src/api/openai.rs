@@ -16,6 +16,7 @@ use super::inference::{
 use super::{ApiError, AppState, Body, Code, Tenant};
 use crate::engine::model::generate::{FinishReason, Generation};
 use crate::engine::model::score::TokenScores;
+use crate::engine::overlay::Overlay;
 use crate::engine::worker::{Lane, ModelView, Work};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -226,10 +227,7 @@ pub fn base_model_id(state: &AppState) -> String {
 fn resolve_model(state: &AppState, tenant: &Tenant, model: &str) -> Result<ModelView, ApiError> {
     if let Some(id) = model.strip_prefix("session:") {
         let s = state.sessions.get(&tenant.0, id)?;
-        return Ok(ModelView {
-            session: Some(s.id),
-            version: s.version,
-        });
+        return Ok(ModelView::new(&s.id, s.version, Overlay::base()));
     }
     if model == "base" || model == base_model_id(state) {
         return Ok(ModelView::base());

@@ -14,6 +14,7 @@ use emend::engine::model::{DeviceKind, LoadOptions, LoadedModel, ModelSource};
 use emend::setup;
 
 mod bench;
+mod edit;
 mod serve;
 
 #[derive(Parser)]
@@ -68,6 +69,10 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Print the OpenAPI document (`emend openapi > openapi/openapi.json`).
     Openapi,
+    /// Apply edits (from a file or dataset records) to a fresh session and print their metrics.
+    Edit(edit::EditArgs),
+    /// Precompute the key statistics ROME and MEMIT use (cached on disk).
+    Stats(edit::StatsArgs),
 }
 
 #[derive(Args)]
@@ -281,6 +286,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(&g, a)?,
         Command::Serve(a) => serve::run(&g, a)?,
         Command::Openapi => print!("{}", emend::api::openapi::json()),
+        Command::Edit(a) => edit::run_edit(&g, a)?,
+        Command::Stats(a) => edit::run_stats(&g, a)?,
     }
     Ok(())
 }

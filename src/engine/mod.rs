@@ -1,4 +1,6 @@
 //! The one owner of the device and the model: architectures, loaders, tokenizer, inference, and
 //! the worker thread that serialises access to them.
+pub mod editing;
 pub mod model;
+pub mod overlay;
 pub mod worker;

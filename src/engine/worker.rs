@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use super::editing::{self, EditError, EditRequest, EditStep, EditingEnv, MeasureOptions, Method};
 use super::model::generate::{generate_each, GenParams, Generation};
 use super::model::loader::ModelInfo;
 use super::model::score::{loglikelihood, score_tokens_top, Loglikelihood, TokenScores};
 use super::model::{LoadedModel, ModelError, Tok};
+use super::overlay::{Edited, Overlay, PreparedOverlay};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,21 +48,48 @@ pub enum EngineError {
     Failed(String),
     #[error("the engine is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Edit(#[from] EditError),
 }
 
-/// Which model view a request runs against. Sessions' edits arrive with the overlay; until a
-/// session has edits, every version is the base model.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Which model view a request runs against: a session's version and its overlay (the chain of
+/// deltas over the base weights). `(session, version)` names one overlay forever (versions are
+/// never reused), so it keys the engine's cache of prepared overlays and generation batching.
+#[derive(Debug, Clone)]
 pub struct ModelView {
     pub session: Option<String>,
     pub version: u64,
+    pub overlay: Arc<Overlay>,
 }
+
+impl PartialEq for ModelView {
+    fn eq(&self, other: &Self) -> bool {
+        self.session == other.session && self.version == other.version
+    }
+}
+impl Eq for ModelView {}
 
 impl ModelView {
     pub fn base() -> Self {
         Self {
             session: None,
             version: 0,
+            overlay: Overlay::base(),
+        }
+    }
+
+    pub fn new(session: &str, version: u64, overlay: Arc<Overlay>) -> Self {
+        Self {
+            session: Some(session.to_string()),
+            version,
+            overlay,
+        }
+    }
+
+    fn key(&self) -> Option<(String, u64)> {
+        match &self.session {
+            Some(s) if !self.overlay.is_base() => Some((s.clone(), self.version)),
+            _ => None,
         }
     }
 }
@@ -90,6 +119,17 @@ pub enum Work {
         pairs: Vec<(String, String)>,
         reply: oneshot::Sender<Result<Vec<Loglikelihood>, EngineError>>,
     },
+    /// Applies `requests` on top of `view` with `method`: one step per request, or one step for
+    /// the whole batch when the method is batched (MEMIT). Each step is computed against the
+    /// model left by the previous one (sequential editing).
+    Edit {
+        view: ModelView,
+        method: Method,
+        requests: Vec<EditRequest>,
+        hparams: serde_json::Value,
+        opts: MeasureOptions,
+        reply: oneshot::Sender<Result<Vec<EditStep>, EngineError>>,
+    },
 }
 
 impl Work {
@@ -99,6 +139,7 @@ impl Work {
             Work::Generate { events, .. } => events.is_closed(),
             Work::Score { reply, .. } => reply.is_closed(),
             Work::Loglikelihood { reply, .. } => reply.is_closed(),
+            Work::Edit { reply, .. } => reply.is_closed(),
         }
     }
 }
@@ -131,6 +172,8 @@ impl Default for EngineLimits {
 }
 
 struct Shared {
+    device: candle_core::Device,
+    dtype: candle_core::DType,
     lanes: Mutex<[VecDeque<Queued>; 3]>,
     wake: Condvar,
     admission: [Arc<Semaphore>; 3],
@@ -148,9 +191,16 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(model: LoadedModel, limits: EngineLimits, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        model: LoadedModel,
+        limits: EngineLimits,
+        metrics: Arc<Metrics>,
+        env: EditingEnv,
+    ) -> Self {
         metrics.model_load_seconds.set(model.info.load_seconds);
         let shared = Arc::new(Shared {
+            device: model.model.device().clone(),
+            dtype: model.model.dtype(),
             lanes: Mutex::new([VecDeque::new(), VecDeque::new(), VecDeque::new()]),
             wake: Condvar::new(),
             admission: limits.lane_capacity.map(|c| Arc::new(Semaphore::new(c))),
@@ -163,7 +213,7 @@ impl Engine {
         let s = shared.clone();
         std::thread::Builder::new()
             .name("emend-engine".into())
-            .spawn(move || worker(s, model))
+            .spawn(move || worker(s, model, env))
             .expect("spawn the engine thread");
         Self {
             shared,
@@ -174,6 +224,19 @@ impl Engine {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Device and dtype of the model, for tensors restored from the store (deltas).
+    pub fn device(&self) -> &candle_core::Device {
+        &self.shared.device
+    }
+
+    pub fn dtype(&self) -> candle_core::DType {
+        self.shared.dtype
+    }
+
+    pub fn spec(&self) -> &crate::engine::model::ModelSpec {
+        &self.info.spec
     }
 
     pub fn tokenizer(&self) -> &Tok {
@@ -253,8 +316,41 @@ impl Engine {
     }
 }
 
-fn worker(shared: Arc<Shared>, model: LoadedModel) {
+/// Prepared overlays kept per `(session, version)`; derived data, rebuilt on a miss.
+struct OverlayCache {
+    entries: VecDeque<((String, u64), Arc<PreparedOverlay>)>,
+    capacity: usize,
+}
+
+impl OverlayCache {
+    fn get(
+        &mut self,
+        model: &LoadedModel,
+        view: &ModelView,
+    ) -> Result<Arc<PreparedOverlay>, ModelError> {
+        let Some(key) = view.key() else {
+            return Ok(Arc::new(PreparedOverlay::default()));
+        };
+        if let Some(i) = self.entries.iter().position(|(k, _)| *k == key) {
+            let e = self.entries.remove(i).expect("index in range");
+            let p = e.1.clone();
+            self.entries.push_front(e);
+            return Ok(p);
+        }
+        let p = Arc::new(view.overlay.prepare(model.model.as_ref())?);
+        self.entries.push_front((key, p.clone()));
+        self.entries.truncate(self.capacity);
+        Ok(p)
+    }
+}
+
+fn worker(shared: Arc<Shared>, model: LoadedModel, env: EditingEnv) {
     let _span = tracing::info_span!("engine").entered();
+    let mut overlays = OverlayCache {
+        entries: VecDeque::new(),
+        capacity: 16,
+    };
+    let edit_ctx = editing::EditContext::new(env, &model.info);
     loop {
         let batch = {
             let mut lanes = shared.lanes.lock().expect("engine queue lock");
@@ -276,7 +372,7 @@ fn worker(shared: Arc<Shared>, model: LoadedModel) {
                 .observe(q.admitted.elapsed().as_secs_f64());
         }
         let lanes: Vec<Lane> = batch.iter().map(|q| q.lane).collect();
-        run_batch(&model, &shared, batch);
+        run_batch(&model, &shared, &mut overlays, &edit_ctx, batch);
         for l in lanes {
             shared
                 .metrics
@@ -318,14 +414,71 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-fn run_batch(model: &LoadedModel, shared: &Shared, batch: Vec<Queued>) {
-    let metrics = &shared.metrics;
-    let lm = model.model.as_ref();
-    let tok = &model.tokenizer;
+fn view_of(work: &Work) -> &ModelView {
+    match work {
+        Work::Generate { view, .. }
+        | Work::Score { view, .. }
+        | Work::Loglikelihood { view, .. }
+        | Work::Edit { view, .. } => view,
+    }
+}
+
+fn run_batch(
+    model: &LoadedModel,
+    shared: &Shared,
+    overlays: &mut OverlayCache,
+    edit_ctx: &editing::EditContext,
+    batch: Vec<Queued>,
+) {
     let live: Vec<Queued> = batch.into_iter().filter(|q| !q.work.abandoned()).collect();
     if live.is_empty() {
         return;
     }
+    // A batch shares one view (generation batches are grouped by view; others are single).
+    let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        overlays.get(model, view_of(&live[0].work))
+    }));
+    let prepared = match flatten(prepared) {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = e.to_string();
+            for q in live {
+                fail(q.work, EngineError::Failed(msg.clone()));
+            }
+            return;
+        }
+    };
+    let edited = Edited::new(model.model.as_ref(), prepared);
+    run_on(&edited, model, shared, edit_ctx, live);
+}
+
+/// Answers a piece of work with an error.
+fn fail(work: Work, e: EngineError) {
+    match work {
+        Work::Generate { events, .. } => {
+            let _ = events.send(GenEvent::Done(Err(e)));
+        }
+        Work::Score { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Work::Loglikelihood { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Work::Edit { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+    }
+}
+
+fn run_on(
+    lm: &Edited<'_>,
+    model: &LoadedModel,
+    shared: &Shared,
+    edit_ctx: &editing::EditContext,
+    live: Vec<Queued>,
+) {
+    let metrics = &shared.metrics;
+    let tok = &model.tokenizer;
     if matches!(live[0].work, Work::Generate { .. }) {
         let mut prompts = Vec::new();
         let mut params = Vec::new();
@@ -405,6 +558,39 @@ fn run_batch(model: &LoadedModel, shared: &Shared, batch: Vec<Queued>) {
                     loglikelihood(lm, tok, &pairs, shared.limits.token_budget)
                 }));
                 let _ = reply.send(flatten(r));
+            }
+            Work::Edit {
+                view,
+                method,
+                requests,
+                hparams,
+                opts,
+                reply,
+            } => {
+                let _span =
+                    tracing::info_span!("edit", method = %method, requests = requests.len())
+                        .entered();
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    editing::apply(
+                        model,
+                        &view.overlay,
+                        method,
+                        &requests,
+                        &hparams,
+                        opts,
+                        edit_ctx,
+                    )
+                }));
+                let r = match r {
+                    Ok(Ok(steps)) => Ok(steps),
+                    Ok(Err(e)) => Err(EngineError::Edit(e)),
+                    Err(p) => {
+                        let msg = panic_message(p);
+                        tracing::error!(panic = %msg, "engine panicked during an edit");
+                        Err(EngineError::Panicked(msg))
+                    }
+                };
+                let _ = reply.send(r);
             }
             Work::Generate { .. } => unreachable!("generation is batched above"),
         }

@@ -1,10 +1,13 @@
 //! Per-forward state: positions, attention masks (causal, padding, sliding window), the KV cache
 //! and the hook set. The model itself stays immutable.
 use std::cell::OnceCell;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::layers::Proj;
 use super::{Hooks, KvCache, Result};
+use crate::engine::overlay::{LayerPatch, PreparedOverlay};
 
 pub struct Forward<'a> {
     batch: usize,
@@ -16,6 +19,8 @@ pub struct Forward<'a> {
     pub(crate) hooks: Option<&'a mut Hooks>,
     /// Use only ops with a backward pass (no fused kernels).
     pub(crate) differentiable: bool,
+    /// A session's edits, applied at each edited down projection.
+    pub(crate) overlay: Option<Arc<PreparedOverlay>>,
     positions: OnceCell<Tensor>,
     mask: OnceCell<Option<Tensor>>,
 }
@@ -32,6 +37,7 @@ impl<'a> Forward<'a> {
             cache: None,
             hooks: None,
             differentiable: false,
+            overlay: None,
             positions: OnceCell::new(),
             mask: OnceCell::new(),
         }
@@ -61,6 +67,45 @@ impl<'a> Forward<'a> {
     pub fn with_hooks(mut self, hooks: &'a mut Hooks) -> Self {
         self.hooks = Some(hooks);
         self
+    }
+
+    /// Runs against a session's edited weights (the base weights stay untouched).
+    pub fn with_overlay(mut self, overlay: Arc<PreparedOverlay>) -> Self {
+        self.overlay = (!overlay.is_empty()).then_some(overlay);
+        self
+    }
+
+    /// Swaps the overlay in place (the [`crate::engine::overlay::Edited`] wrapper sets it for
+    /// the layers it runs and restores the caller's afterwards).
+    pub(crate) fn swap_overlay(
+        &mut self,
+        overlay: Option<Arc<PreparedOverlay>>,
+    ) -> Option<Arc<PreparedOverlay>> {
+        std::mem::replace(&mut self.overlay, overlay)
+    }
+
+    /// Layer `layer`'s MLP down/out projection of `key`, with the session's delta if it has one.
+    pub(crate) fn mlp_down(&self, layer: usize, proj: &Proj, key: &Tensor) -> Result<Tensor> {
+        match self.overlay.as_deref().and_then(|o| o.layer(layer)) {
+            None => proj.forward(key),
+            Some(LayerPatch::Dense { weight }) => Proj {
+                weight: weight.clone(),
+                bias: proj.bias.clone(),
+            }
+            .forward(key),
+            Some(LayerPatch::LowRank { v_t, u }) => {
+                let base = proj.forward(key)?;
+                let down = Proj {
+                    weight: v_t.clone(),
+                    bias: None,
+                };
+                let up = Proj {
+                    weight: u.clone(),
+                    bias: None,
+                };
+                Ok((base + up.forward(&down.forward(key)?)?)?)
+            }
+        }
     }
 
     /// Restricts the pass to ops with a backward (needed when hooks carry gradients).

@@ -199,7 +199,7 @@ impl CausalLm for Gpt2 {
             let x = blk.ln_2.forward(&h, diff)?;
             let key = blk.c_fc.forward(&x)?.gelu()?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
-            let m = blk.mlp_proj.forward(&key)?;
+            let m = fwd.mlp_down(i, &blk.mlp_proj, &key)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;
             h = (h + m)?;
             h = at_site(&mut fwd.hooks, Site::new(i, SiteKind::Residual), h)?;

@@ -207,7 +207,7 @@ impl CausalLm for GptNeox {
             let x = blk.ln_post.forward(&mlp_in, diff)?;
             let key = blk.up.forward(&x)?.gelu_erf()?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
-            let m = blk.down.forward(&key)?;
+            let m = fwd.mlp_down(i, &blk.down, &key)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;
             h = if self.cfg.use_parallel_residual {
                 ((h + a)? + m)?

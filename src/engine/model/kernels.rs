@@ -199,6 +199,42 @@ pub(crate) fn cpu_matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor
     }
 }
 
+/// `x (m, k) · w (n, k)ᵀ` for an `x` that carries gradients and a constant weight `w`: the
+/// product runs through the fast CPU kernels, and the backward pass computes only `∂x = ∂y · w`.
+/// candle's own matmul backward would also form the weight's gradient (a full `(n, k)` product
+/// per projection per step) that editing never uses.
+pub(crate) fn cpu_matmul_t_grad_x(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let y = cpu_matmul_t(&x.detach(), w)?;
+    x.apply_op1(GradThroughConstWeight { w: w.clone(), y })
+}
+
+/// Forward: hands back the precomputed product `y`; backward: `∂x = ∂y · w`.
+struct GradThroughConstWeight {
+    w: Tensor,
+    y: Tensor,
+}
+
+impl candle_core::CustomOp1 for GradThroughConstWeight {
+    fn name(&self) -> &'static str {
+        "matmul-const-weight"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.y.contiguous()?;
+        let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        Ok((CpuStorage::F32(v), y.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w)?))
+    }
+}
+
 /// `x (m, k) · w (n, k)ᵀ` through the streaming kernel; callers check the preconditions.
 fn small_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(w, &SmallMatmul)

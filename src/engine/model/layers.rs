@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::kernels::{cpu_matmul_t, CpuAttention};
+use super::kernels::{cpu_matmul_t, cpu_matmul_t_grad_x, CpuAttention};
 use super::{Forward, ModelError, Result};
 
 pub(crate) fn get(
@@ -60,6 +60,12 @@ impl Proj {
             && !x.track_op()
         {
             cpu_matmul_t(&x2, &self.weight)?
+        } else if x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.is_contiguous()
+            && !self.weight.track_op()
+        {
+            cpu_matmul_t_grad_x(&x2, &self.weight)?
         } else {
             x2.matmul(&self.weight.t()?)?
         };

@@ -263,7 +263,7 @@ impl CausalLm for Llama {
             let gate = gate.silu()?;
             let key = (gate * blk.mlp.up.forward(&x)?)?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
-            let m = blk.mlp.down.forward(&key)?;
+            let m = fwd.mlp_down(i, &blk.mlp.down, &key)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;
             h = (h + m)?;
             h = at_site(&mut fwd.hooks, Site::new(i, SiteKind::Residual), h)?;

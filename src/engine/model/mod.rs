@@ -21,6 +21,7 @@ pub mod tokenizer;
 pub use arch::{Architecture, CausalLm, ModelSpec};
 pub use batch::Forward;
 pub use error::{ModelError, Result};
+pub(crate) use hooks::gather_rows;
 pub use hooks::{HookAction, Hooks, PatchMode, Positions, Site, SiteKind};
 pub use kv_cache::KvCache;
 pub use loader::{DeviceKind, LoadOptions, LoadedModel, ModelSource};

@@ -1,0 +1,278 @@
+//! `emend edit`: apply edits to a fresh session of the model and print their metrics;
+//! `emend stats`: precompute the key statistics ROME/MEMIT need.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+
+use emend::engine::editing::datasets::{self, EditDataset};
+use emend::engine::editing::{self, EditContext, EditRequest, EditingEnv, MeasureOptions, Method};
+use emend::engine::model::generate::{generate, GenParams};
+use emend::engine::overlay::{Edited, Overlay};
+use emend::setup;
+
+use super::{load, Global};
+
+#[derive(Args)]
+pub struct EditArgs {
+    /// rome, memit, ft-l or ft-m.
+    #[arg(long, default_value = "rome")]
+    pub method: String,
+    /// Edit requests: a JSON array or JSONL of `{prompt, subject, target_new, …}`.
+    #[arg(long, conflicts_with = "dataset")]
+    pub file: Option<PathBuf>,
+    /// Take the requests from a dataset (counterfact or zsre) instead.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Dataset record ids (comma-separated); default: the first `--first` records.
+    #[arg(long, value_delimiter = ',')]
+    pub ids: Vec<u64>,
+    #[arg(long, default_value_t = 1)]
+    pub first: usize,
+    /// Hyper-parameter overrides as a JSON object, e.g. '{"layer": 5}'.
+    #[arg(long)]
+    pub hparams: Option<String>,
+    /// Dataset directory (laid out like shared/data) [default: $EMEND_DATA_DIR, else
+    /// $EMEND_SHARED_DIR/data, else ../shared/data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Also measure fluency (n-gram entropy of generations).
+    #[arg(long)]
+    pub fluency: bool,
+    /// Prompts to continue greedily before and after the edits (repeatable).
+    #[arg(long)]
+    pub probe: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct StatsArgs {
+    /// Layers (comma-separated); default: the layers of ROME's and MEMIT's defaults.
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
+    /// Corpus sequences (of up to 128 tokens) [default: the methods' `mom2_samples`].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn env(data_dir: Option<PathBuf>) -> EditingEnv {
+    EditingEnv {
+        stats_dir: setup::cache_dir().join("stats"),
+        data_dir: data_dir.or_else(setup::default_datasets_dir),
+    }
+}
+
+fn read_requests(a: &EditArgs, data_dir: Option<&PathBuf>) -> Result<Vec<EditRequest>> {
+    if let Some(f) = &a.file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let trimmed = text.trim_start();
+        return if trimmed.starts_with('[') {
+            serde_json::from_str(trimmed).with_context(|| format!("parsing {}", f.display()))
+        } else {
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .enumerate()
+                .map(|(i, l)| {
+                    serde_json::from_str(l)
+                        .with_context(|| format!("{} line {}", f.display(), i + 1))
+                })
+                .collect()
+        };
+    }
+    let Some(ds) = &a.dataset else {
+        bail!("give --file or --dataset");
+    };
+    let ds: EditDataset = ds.parse()?;
+    let Some(dir) = data_dir else {
+        bail!("no dataset directory: pass --data-dir or set EMEND_DATA_DIR");
+    };
+    if a.ids.is_empty() {
+        let all = datasets::load(ds, dir)?;
+        if a.first == 0 || a.first > all.len() {
+            bail!("--first must be 1 to {} for {}", all.len(), ds.name());
+        }
+        Ok(all.into_iter().take(a.first).map(|r| r.request).collect())
+    } else {
+        Ok(datasets::by_ids(ds, dir, &a.ids)?)
+    }
+}
+
+fn greedy(
+    m: &dyn emend::engine::model::CausalLm,
+    tok: &emend::engine::model::Tok,
+    p: &str,
+) -> Result<String> {
+    let ids = tok.encode(p)?;
+    let g = generate(
+        m,
+        tok,
+        &[ids],
+        &GenParams {
+            max_tokens: 8,
+            ..GenParams::default()
+        },
+        &mut |_, _| {},
+    )?;
+    Ok(g[0].text.clone())
+}
+
+pub fn run_edit(g: &Global, a: EditArgs) -> Result<()> {
+    let method: Method = a.method.parse()?;
+    let env = env(a.data_dir.clone());
+    let requests = read_requests(&a, env.data_dir.as_ref())?;
+    let overrides: serde_json::Value = match &a.hparams {
+        Some(s) => serde_json::from_str(s).context("--hparams must be a JSON object")?,
+        None => serde_json::Value::Null,
+    };
+    let m = load(g)?;
+    editing::validate(&requests, &m.tokenizer)?;
+    let ctx = EditContext::new(env, &m.info);
+    let base = Overlay::base();
+    let before: Vec<String> = a
+        .probe
+        .iter()
+        .map(|p| greedy(m.model.as_ref(), &m.tokenizer, p))
+        .collect::<Result<_>>()?;
+    let start = Instant::now();
+    let steps = editing::apply(
+        &m,
+        &base,
+        method,
+        &requests,
+        &overrides,
+        MeasureOptions { fluency: a.fluency },
+        &ctx,
+    )?;
+    let total = start.elapsed().as_secs_f64();
+    let mut overlay = base;
+    for s in &steps {
+        overlay = Overlay::push(&overlay, s.deltas.clone());
+    }
+    let edited = Edited::new(
+        m.model.as_ref(),
+        Arc::new(overlay.prepare(m.model.as_ref())?),
+    );
+    let after: Vec<String> = a
+        .probe
+        .iter()
+        .map(|p| greedy(&edited, &m.tokenizer, p))
+        .collect::<Result<_>>()?;
+    if g.json {
+        let out = json!({
+            "method": method.name(),
+            "seconds": total,
+            "steps": steps.iter().enumerate().map(|(i, s)| json!({
+                "version": i + 1,
+                "duration_ms": s.duration_ms,
+                "reports": s.reports,
+                "hparams": s.hparams,
+                "diagnostics": s.diagnostics,
+            })).collect::<Vec<_>>(),
+            "probes": a.probe.iter().zip(before.iter().zip(&after)).map(|(p, (b, x))| json!({
+                "prompt": p, "before": b, "after": x,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{:>7} {:>9} {:>11} {:>8} {:>14} {:>9}  subject → target",
+        "version", "seconds", "reliability", "success", "generalization", "locality"
+    );
+    let mut version = 0;
+    for s in &steps {
+        version += 1;
+        let reqs: Vec<&EditRequest> = if method.batched() {
+            requests.iter().collect()
+        } else {
+            vec![&requests[version - 1]]
+        };
+        for (r, rep) in reqs.iter().zip(&s.reports) {
+            let p = &rep.post;
+            let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+            println!(
+                "{:>7} {:>9.2} {:>11.3} {:>8} {:>14} {:>9}  {} → {}",
+                version,
+                s.duration_ms as f64 / 1000.0,
+                p.reliability,
+                f(p.success),
+                f(p.generalization),
+                f(p.locality),
+                r.subject,
+                r.target_new
+            );
+        }
+    }
+    for (p, (b, x)) in a.probe.iter().zip(before.iter().zip(&after)) {
+        println!("{p:?}: {b:?} → {x:?}");
+    }
+    println!("total {total:.2} s");
+    Ok(())
+}
+
+pub fn run_stats(g: &Global, a: StatsArgs) -> Result<()> {
+    let env = env(a.data_dir);
+    let m = load(g)?;
+    let spec = m.model.spec();
+    let rome = editing::hparams::defaults(Method::Rome, spec);
+    let memit = editing::hparams::defaults(Method::Memit, spec);
+    let layers: Vec<usize> = if a.layers.is_empty() {
+        let mut l: Vec<usize> = memit["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_u64().map(|x| x as usize))
+            .collect();
+        if let Some(r) = rome["layer"].as_u64() {
+            l.push(r as usize);
+        }
+        l.sort_unstable();
+        l.dedup();
+        l
+    } else {
+        a.layers.clone()
+    };
+    if let Some(&bad) = layers.iter().find(|&&l| l >= spec.n_layers) {
+        bail!(
+            "layer {bad} does not exist (the model has {})",
+            spec.n_layers
+        );
+    }
+    let samples = a
+        .samples
+        .or_else(|| rome["mom2_samples"].as_u64().map(|x| x as usize))
+        .unwrap_or(1000);
+    if samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    let ctx = EditContext::new(env, &m.info);
+    let stats = ctx.stats.get(
+        m.model.as_ref(),
+        &m.tokenizer,
+        &m.info.sha256,
+        &layers,
+        samples,
+    )?;
+    let rows: Vec<_> = stats.iter().map(|s| &s.provenance).collect();
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        for p in rows {
+            println!(
+                "layer {:>3}  {} sequences, {} tokens, {:.1} s  corpus {}  (cache {})",
+                p.layer,
+                p.sequences,
+                p.tokens,
+                p.seconds,
+                p.corpus,
+                ctx.stats.dir().display()
+            );
+        }
+    }
+    Ok(())
+}

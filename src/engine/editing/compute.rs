@@ -1,0 +1,146 @@
+//! Dispatch: runs a method's steps against the session's model, one version per step, and
+//! measures each request before and after its step.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::metrics::measure;
+use super::stats::StatsCache;
+use super::{
+    ft, hparams, memit, rome, validate, EditError, EditReport, EditRequest, EditStep, EditingEnv,
+    FtHparams, MemitHparams, Method, RomeHparams,
+};
+use crate::engine::model::loader::ModelInfo;
+use crate::engine::model::{CausalLm, LoadedModel, Tok};
+use crate::engine::overlay::{Edited, Overlay};
+
+/// What the engine keeps for editing between jobs: statistics and context templates, both
+/// computed on the base model once.
+pub struct EditContext {
+    pub stats: StatsCache,
+    pub model_sha256: String,
+    templates: Mutex<HashMap<(usize, usize), Arc<Vec<String>>>>,
+}
+
+impl EditContext {
+    pub fn new(env: EditingEnv, info: &ModelInfo) -> Self {
+        Self {
+            stats: StatsCache::new(env.stats_dir, env.data_dir),
+            model_sha256: info.sha256.clone(),
+            templates: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn templates(
+        &self,
+        base: &dyn CausalLm,
+        tok: &Tok,
+        n: usize,
+        tokens: usize,
+    ) -> Result<Arc<Vec<String>>, EditError> {
+        if let Some(t) = self
+            .templates
+            .lock()
+            .expect("templates lock")
+            .get(&(n, tokens))
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(rome::context_templates(base, tok, n, tokens)?);
+        self.templates
+            .lock()
+            .expect("templates lock")
+            .insert((n, tokens), t.clone());
+        Ok(t)
+    }
+}
+
+/// Options that change what is measured, not what is edited.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MeasureOptions {
+    /// Also generate from each edit prompt and report n-gram entropy (slower).
+    pub fluency: bool,
+}
+
+/// Applies `requests` on top of `base` with `method`. Sequential methods make one step per
+/// request, each computed against the model the previous step left; MEMIT makes one step.
+pub fn apply(
+    model: &LoadedModel,
+    base: &Arc<Overlay>,
+    method: Method,
+    requests: &[EditRequest],
+    overrides: &Value,
+    opts: MeasureOptions,
+    ctx: &EditContext,
+) -> Result<Vec<EditStep>, EditError> {
+    let lm = model.model.as_ref();
+    let tok = &model.tokenizer;
+    let spec = lm.spec();
+    let resolved = hparams::resolve(method, spec, overrides)?;
+    validate(requests, tok)?;
+    let groups: Vec<Vec<&EditRequest>> = if method.batched() {
+        vec![requests.iter().collect()]
+    } else {
+        requests.iter().map(|r| vec![r]).collect()
+    };
+    let mut current = base.clone();
+    let mut steps = Vec::with_capacity(groups.len());
+    for group in groups {
+        let start = Instant::now();
+        let view = Edited::new(lm, Arc::new(current.prepare(lm)?));
+        let pre = measure(&view, tok, &group, None, opts.fluency)?;
+        let (deltas, diagnostics) = match method {
+            Method::Rome => {
+                let h: RomeHparams = hparams::parse(&resolved)?;
+                let templates =
+                    ctx.templates(lm, tok, h.context_templates, h.context_template_tokens)?;
+                let inv = if h.mom2_adjustment {
+                    let st =
+                        ctx.stats
+                            .get(lm, tok, &ctx.model_sha256, &[h.layer], h.mom2_samples)?;
+                    Some(st[0].inverse_tensor(lm.device())?)
+                } else {
+                    None
+                };
+                rome::edit(&view, tok, group[0], &h, &templates, inv.as_ref())?
+            }
+            Method::Memit => {
+                let h: MemitHparams = hparams::parse(&resolved)?;
+                let templates =
+                    ctx.templates(lm, tok, h.context_templates, h.context_template_tokens)?;
+                let st = ctx
+                    .stats
+                    .get(lm, tok, &ctx.model_sha256, &h.layers, h.mom2_samples)?;
+                memit::edit(lm, &current, tok, &group, &h, &templates, &st)?
+            }
+            Method::FtL | Method::FtM => {
+                let h: FtHparams = hparams::parse(&resolved)?;
+                ft::edit(&view, tok, &group, &h, method == Method::FtM)?
+            }
+        };
+        let next = Overlay::push(&current, deltas.clone());
+        let after = Edited::new(lm, Arc::new(next.prepare(lm)?));
+        let post = measure(&after, tok, &group, Some(&pre), opts.fluency)?;
+        let reports = pre
+            .into_iter()
+            .zip(post)
+            .map(|(a, b)| EditReport {
+                pre: a.metrics,
+                post: b.metrics,
+            })
+            .collect();
+        let duration_ms = start.elapsed().as_millis() as u64;
+        tracing::info!(%method, duration_ms, "edit step computed");
+        steps.push(EditStep {
+            deltas,
+            reports,
+            hparams: resolved.clone(),
+            diagnostics: json!(diagnostics),
+            duration_ms,
+        });
+        current = next;
+    }
+    Ok(steps)
+}

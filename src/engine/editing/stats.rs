@@ -1,0 +1,423 @@
+//! Key statistics `C = E[k kᵀ]`: the uncentred second moment of the keys entering a layer's
+//! down projection, over plain text, computed on the base model. Cached in memory and on disk
+//! (safetensors with the provenance in its metadata), keyed by model sha256, layer, sample
+//! count and a hash of the corpus, so restarts and other replicas reuse them.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::EditError;
+use crate::engine::model::generate::{generate, GenParams};
+use crate::engine::model::sampling::Sampling;
+use crate::engine::model::{CausalLm, Forward, Hooks, Positions, Site, SiteKind, Tok};
+
+/// Tokens per corpus sequence.
+pub const SEQ_TOKENS: usize = 128;
+/// Sequences per forward pass.
+const BATCH: usize = 16;
+
+/// Where a statistic came from, stored with it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Provenance {
+    pub model_sha256: String,
+    pub layer: usize,
+    /// Sequences asked for and sequences used (the corpus may hold fewer).
+    pub samples: usize,
+    pub sequences: usize,
+    pub tokens: usize,
+    /// `wikitext/AA` file names, or `generated` when no corpus was found.
+    pub corpus: String,
+    pub corpus_sha256: String,
+    pub seconds: f64,
+}
+
+/// One layer's statistics, with the inverse computed on first use.
+pub struct LayerStats {
+    /// `(ff, ff)` row-major, f64.
+    pub mom2: Vec<f64>,
+    pub dim: usize,
+    pub provenance: Provenance,
+    inverse: Mutex<Option<Arc<Vec<f64>>>>,
+}
+
+impl LayerStats {
+    /// `C⁻¹` (row-major, f64), from a Cholesky factorisation with a tiny ridge for safety.
+    pub fn inverse(&self) -> Result<Arc<Vec<f64>>, EditError> {
+        let mut slot = self.inverse.lock().expect("stats lock");
+        if let Some(inv) = slot.as_ref() {
+            return Ok(inv.clone());
+        }
+        let n = self.dim;
+        let mut m = nalgebra::DMatrix::<f64>::from_row_slice(n, n, &self.mom2);
+        let ridge = 1e-6 * (0..n).map(|i| m[(i, i)]).sum::<f64>() / n as f64;
+        for i in 0..n {
+            m[(i, i)] += ridge.max(1e-12);
+        }
+        let chol = nalgebra::Cholesky::new(m).ok_or_else(|| {
+            EditError::Stats(format!(
+                "the key covariance of layer {} is not positive definite",
+                self.provenance.layer
+            ))
+        })?;
+        let inv = chol.inverse();
+        // nalgebra is column-major; the matrix is symmetric, so either order reads the same.
+        let inv = Arc::new(inv.as_slice().to_vec());
+        *slot = Some(inv.clone());
+        Ok(inv)
+    }
+
+    /// `C` as an f32 tensor on `device`.
+    pub fn mom2_tensor(&self, device: &Device) -> Result<Tensor, EditError> {
+        let v: Vec<f32> = self.mom2.iter().map(|&x| x as f32).collect();
+        Ok(Tensor::from_vec(v, (self.dim, self.dim), device)?)
+    }
+
+    pub fn inverse_tensor(&self, device: &Device) -> Result<Tensor, EditError> {
+        let inv = self.inverse()?;
+        let v: Vec<f32> = inv.iter().map(|&x| x as f32).collect();
+        Ok(Tensor::from_vec(v, (self.dim, self.dim), device)?)
+    }
+}
+
+type Key = (String, usize, usize, String);
+
+/// Statistics in memory and under `dir` on disk.
+pub struct StatsCache {
+    dir: PathBuf,
+    data_dir: Option<PathBuf>,
+    memory: Mutex<HashMap<Key, Arc<LayerStats>>>,
+}
+
+/// The text the statistics are computed over.
+struct Corpus {
+    name: String,
+    sha256: String,
+    texts: Vec<String>,
+}
+
+impl StatsCache {
+    pub fn new(dir: PathBuf, data_dir: Option<PathBuf>) -> Self {
+        Self {
+            dir,
+            data_dir,
+            memory: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `wikitext/AA/wiki_*` under the data dir, articles without their `<doc>` lines.
+    fn corpus(&self) -> Option<Corpus> {
+        let dir = self.data_dir.as_ref()?.join("wikitext").join("AA");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("wiki_"))
+            })
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return None;
+        }
+        let mut hasher = Sha256::new();
+        let mut texts = Vec::new();
+        for f in &files {
+            let raw = std::fs::read(f).ok()?;
+            hasher.update(&raw);
+            let raw = String::from_utf8_lossy(&raw);
+            let mut article = String::new();
+            for line in raw.lines() {
+                if line.starts_with("<doc ") {
+                    article.clear();
+                } else if line.starts_with("</doc>") {
+                    if article.trim().len() > 200 {
+                        texts.push(std::mem::take(&mut article));
+                    }
+                    article.clear();
+                } else if !line.trim().is_empty() {
+                    if !article.is_empty() {
+                        article.push('\n');
+                    }
+                    article.push_str(line);
+                }
+            }
+        }
+        let names: Vec<String> = files
+            .iter()
+            .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        Some(Corpus {
+            name: format!("wikitext/AA/{{{}}}", names.join(",")),
+            sha256: hex::encode(hasher.finalize()),
+            texts,
+        })
+    }
+
+    /// Text generated by the model from short seeds: the documented stand-in when the data dir
+    /// has no corpus (deterministic: fixed seeds).
+    fn generated(model: &dyn CausalLm, tok: &Tok, samples: usize) -> Result<Corpus, EditError> {
+        const SEEDS: [&str; 8] = [
+            "The", "In", "A", "It", "This", "History", "Science", "People",
+        ];
+        let n = samples.clamp(1, 64);
+        let prompts: Vec<Vec<u32>> = (0..n)
+            .map(|i| tok.encode(SEEDS[i % SEEDS.len()]))
+            .collect::<Result<_, _>>()?;
+        let mut texts = Vec::with_capacity(n);
+        for (i, p) in prompts.iter().enumerate() {
+            let g = generate(
+                model,
+                tok,
+                std::slice::from_ref(p),
+                &GenParams {
+                    max_tokens: SEQ_TOKENS,
+                    sampling: Sampling {
+                        temperature: 1.0,
+                        top_k: Some(40),
+                        top_p: None,
+                        seed: i as u64,
+                    },
+                    stop: Vec::new(),
+                    stop_at_eos: false,
+                },
+                &mut |_, _| {},
+            )?;
+            texts.push(format!("{}{}", SEEDS[i % SEEDS.len()], g[0].text));
+        }
+        let mut h = Sha256::new();
+        for t in &texts {
+            h.update(t.as_bytes());
+        }
+        Ok(Corpus {
+            name: "generated".into(),
+            sha256: hex::encode(h.finalize()),
+            texts,
+        })
+    }
+
+    fn path(&self, key: &Key) -> PathBuf {
+        let (sha, layer, samples, corpus) = key;
+        self.dir.join(format!(
+            "mom2-{}-L{layer}-n{samples}-{}.safetensors",
+            &sha[..sha.len().min(16)],
+            &corpus[..corpus.len().min(12)]
+        ))
+    }
+
+    /// Statistics of `layers`, computing (in one pass over the corpus) those not cached.
+    pub fn get(
+        &self,
+        model: &dyn CausalLm,
+        tok: &Tok,
+        model_sha256: &str,
+        layers: &[usize],
+        samples: usize,
+    ) -> Result<Vec<Arc<LayerStats>>, EditError> {
+        let corpus = self.corpus();
+        let corpus_sha = match &corpus {
+            Some(c) => c.sha256.clone(),
+            None => "generated".into(),
+        };
+        let key = |l: usize| (model_sha256.to_string(), l, samples, corpus_sha.clone());
+        let mut missing = Vec::new();
+        {
+            let mut mem = self.memory.lock().expect("stats lock");
+            for &l in layers {
+                if mem.contains_key(&key(l)) {
+                    continue;
+                }
+                match read(&self.path(&key(l))) {
+                    Some(s) => {
+                        mem.insert(key(l), Arc::new(s));
+                    }
+                    None => missing.push(l),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let corpus = match corpus {
+                Some(c) => c,
+                None => Self::generated(model, tok, samples)?,
+            };
+            let computed = compute(model, tok, &corpus, &missing, samples, model_sha256)?;
+            std::fs::create_dir_all(&self.dir)
+                .map_err(|e| EditError::Stats(format!("{}: {e}", self.dir.display())))?;
+            let mut mem = self.memory.lock().expect("stats lock");
+            for s in computed {
+                let k = (
+                    model_sha256.to_string(),
+                    s.provenance.layer,
+                    samples,
+                    corpus_sha.clone(),
+                );
+                if let Err(e) = write(&self.path(&k), &s) {
+                    tracing::warn!(error = %e, "could not cache statistics on disk");
+                }
+                mem.insert(k, Arc::new(s));
+            }
+        }
+        let mem = self.memory.lock().expect("stats lock");
+        Ok(layers
+            .iter()
+            .map(|&l| mem[&key(l)].clone())
+            .collect::<Vec<_>>())
+    }
+}
+
+/// One pass over the corpus: `Σ k kᵀ` at every layer in `layers`.
+fn compute(
+    model: &dyn CausalLm,
+    tok: &Tok,
+    corpus: &Corpus,
+    layers: &[usize],
+    samples: usize,
+    model_sha256: &str,
+) -> Result<Vec<LayerStats>, EditError> {
+    let start = Instant::now();
+    let _span =
+        tracing::info_span!("key_statistics", layers = ?layers, samples, corpus = %corpus.name)
+            .entered();
+    let dev = model.device().clone();
+    let ff = model.spec().intermediate_size;
+    let top = *layers.iter().max().expect("at least one layer");
+    // Sequences of up to SEQ_TOKENS tokens: each text cut into windows.
+    let mut seqs: Vec<Vec<u32>> = Vec::new();
+    'outer: for t in &corpus.texts {
+        let ids = tok.encode_plain(t)?;
+        for w in ids.chunks(SEQ_TOKENS) {
+            if w.len() < 8 {
+                continue;
+            }
+            seqs.push(w.to_vec());
+            if seqs.len() >= samples {
+                break 'outer;
+            }
+        }
+    }
+    if seqs.is_empty() {
+        return Err(EditError::Stats(format!(
+            "the corpus `{}` holds no text",
+            corpus.name
+        )));
+    }
+    // Equal lengths batch without padding; sort so batches are near-uniform.
+    seqs.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut acc: Vec<Tensor> = layers
+        .iter()
+        .map(|_| Tensor::zeros((ff, ff), DType::F32, &dev))
+        .collect::<Result<_, _>>()?;
+    let mut sums: Vec<Vec<f64>> = vec![vec![0.0; ff * ff]; layers.len()];
+    let mut tokens = 0usize;
+    for (bi, chunk) in seqs.chunks(BATCH).enumerate() {
+        let width = chunk[0].len();
+        let chunk: Vec<&Vec<u32>> = chunk.iter().filter(|s| s.len() == width).collect();
+        let b = chunk.len();
+        let ids: Vec<u32> = chunk.iter().flat_map(|s| s.iter().copied()).collect();
+        let input = Tensor::from_vec(ids, (b, width), &dev)?;
+        let mut hooks = Hooks::new();
+        for &l in layers {
+            hooks = hooks.read(Site::new(l, SiteKind::MlpIn), Positions::All);
+        }
+        {
+            let mut fwd = Forward::new(b, width, &dev).with_hooks(&mut hooks);
+            let e = model.embed(&input, &fwd)?;
+            model.run_layers(e, 0..top + 1, &mut fwd)?;
+        }
+        for (i, &l) in layers.iter().enumerate() {
+            let k = hooks
+                .take(Site::new(l, SiteKind::MlpIn))
+                .expect("key read")
+                .to_dtype(DType::F32)?
+                .reshape((b * width, ff))?;
+            acc[i] = (&acc[i] + k.t()?.matmul(&k)?)?;
+        }
+        tokens += b * width;
+        // Fold the f32 partial sums into f64 now and then, so long runs keep their precision.
+        if bi % 8 == 7 {
+            for (i, a) in acc.iter_mut().enumerate() {
+                fold(&mut sums[i], a)?;
+                *a = a.zeros_like()?;
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        fold(&mut sums[i], a)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    tracing::info!(tokens, seconds, "key statistics computed");
+    Ok(layers
+        .iter()
+        .zip(sums)
+        .map(|(&layer, s)| LayerStats {
+            mom2: s.into_iter().map(|x| x / tokens as f64).collect(),
+            dim: ff,
+            provenance: Provenance {
+                model_sha256: model_sha256.to_string(),
+                layer,
+                samples,
+                sequences: seqs.len(),
+                tokens,
+                corpus: corpus.name.clone(),
+                corpus_sha256: corpus.sha256.clone(),
+                seconds,
+            },
+            inverse: Mutex::new(None),
+        })
+        .collect())
+}
+
+fn fold(sum: &mut [f64], t: &Tensor) -> Result<(), EditError> {
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    for (s, x) in sum.iter_mut().zip(v) {
+        *s += x as f64;
+    }
+    Ok(())
+}
+
+fn write(path: &Path, s: &LayerStats) -> Result<(), String> {
+    let bytes: Vec<u8> = s.mom2.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![s.dim, s.dim], &bytes)
+            .map_err(|e| e.to_string())?;
+    let meta: HashMap<String, String> = [(
+        "provenance".to_string(),
+        serde_json::to_string(&s.provenance).map_err(|e| e.to_string())?,
+    )]
+    .into();
+    let out = safetensors::serialize([("mom2", view)], Some(meta)).map_err(|e| e.to_string())?;
+    // Write then rename: a reader never sees half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, out).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+}
+
+fn read(path: &Path) -> Option<LayerStats> {
+    let bytes = std::fs::read(path).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    let provenance: Provenance =
+        serde_json::from_str(meta.metadata().as_ref()?.get("provenance")?).ok()?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
+    let t = st.tensor("mom2").ok()?;
+    let dim = *t.shape().first()?;
+    let mom2: Vec<f64> = t
+        .data()
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    (mom2.len() == dim * dim).then(|| LayerStats {
+        mom2,
+        dim,
+        provenance,
+        inverse: Mutex::new(None),
+    })
+}

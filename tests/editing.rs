@@ -1,0 +1,242 @@
+//! Editing methods on the real default model: ROME rewrites one fact and leaves its neighbours,
+//! MEMIT writes a batch of CounterFact records, FT-M fine-tunes, and overlays give exact
+//! rollback (bit-identical logits per version) and survive a round trip through the log's bytes.
+mod common;
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::DType;
+use emend::engine::editing::datasets::{self, EditDataset};
+use emend::engine::editing::{
+    self, EditContext, EditRequest, EditStep, EditingEnv, MeasureOptions, Method,
+};
+use emend::engine::model::generate::{generate, GenParams};
+use emend::engine::model::{CausalLm, LoadedModel};
+use emend::engine::overlay::{from_safetensors, to_safetensors, Edited, Overlay};
+use serde_json::{json, Value};
+
+use common::{all_logits, default_model, shared_dir};
+
+fn ctx() -> &'static EditContext {
+    static CTX: OnceLock<EditContext> = OnceLock::new();
+    CTX.get_or_init(|| {
+        EditContext::new(
+            EditingEnv {
+                stats_dir: emend::setup::cache_dir().join("stats"),
+                data_dir: Some(shared_dir().join("data")),
+            },
+            &default_model().info,
+        )
+    })
+}
+
+fn greedy(m: &dyn CausalLm, prompt: &str, n: usize) -> String {
+    let tok = &default_model().tokenizer;
+    let ids = tok.encode(prompt).unwrap();
+    let g = generate(
+        m,
+        tok,
+        &[ids],
+        &GenParams {
+            max_tokens: n,
+            ..GenParams::default()
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    g[0].text.clone()
+}
+
+fn apply(base: &Arc<Overlay>, method: Method, reqs: &[EditRequest], h: Value) -> Vec<EditStep> {
+    editing::apply(
+        default_model(),
+        base,
+        method,
+        reqs,
+        &h,
+        MeasureOptions::default(),
+        ctx(),
+    )
+    .unwrap()
+}
+
+fn chain(base: &Arc<Overlay>, steps: &[EditStep]) -> Arc<Overlay> {
+    steps
+        .iter()
+        .fold(base.clone(), |o, s| Overlay::push(&o, s.deltas.clone()))
+}
+
+fn view<'a>(m: &'a LoadedModel, o: &Overlay) -> Edited<'a> {
+    Edited::new(
+        m.model.as_ref(),
+        Arc::new(o.prepare(m.model.as_ref()).unwrap()),
+    )
+}
+
+fn eiffel() -> EditRequest {
+    EditRequest {
+        prompt: "The Eiffel Tower is located in the city of".into(),
+        subject: "The Eiffel Tower".into(),
+        target_new: "Rome".into(),
+        target_true: Some("Paris".into()),
+        rephrase_prompts: vec!["Where is the Eiffel Tower? It is in the city of".into()],
+        locality_prompts: vec![editing::PromptAnswer {
+            prompt: "The Louvre is located in the city of".into(),
+            answer: Some("Paris".into()),
+        }],
+        portability_prompts: vec![],
+    }
+}
+
+const UNRELATED: [&str; 4] = [
+    "The Louvre is located in the city of",
+    "The capital of Japan is",
+    "The Statue of Liberty is located in",
+    "Water is made of hydrogen and",
+];
+
+#[test]
+fn rome_moves_the_eiffel_tower_to_rome_and_leaves_the_louvre_in_paris() {
+    let m = default_model();
+    let base_model = m.model.as_ref();
+    assert!(
+        greedy(base_model, "The Eiffel Tower is located in the city of", 3).starts_with(" Paris")
+    );
+    assert!(greedy(base_model, "The Louvre is located in the city of", 3).starts_with(" Paris"));
+    let before: Vec<String> = UNRELATED.iter().map(|p| greedy(base_model, p, 4)).collect();
+
+    let base = Overlay::base();
+    let steps = apply(&base, Method::Rome, &[eiffel()], Value::Null);
+    assert_eq!(steps.len(), 1);
+    let r = &steps[0].reports[0];
+    assert!(r.pre.reliability < 0.5, "{:?}", r.pre);
+    assert_eq!(r.post.reliability, 1.0, "{:?}", r.post);
+    assert_eq!(r.post.success, Some(1.0));
+    assert_eq!(r.post.locality, Some(1.0), "{:?}", r.post);
+
+    let edited_overlay = chain(&base, &steps);
+    let edited = view(m, &edited_overlay);
+    let out = greedy(&edited, "The Eiffel Tower is located in the city of", 3);
+    assert!(out.starts_with(" Rome"), "{out:?}");
+    for (p, b) in UNRELATED.iter().zip(&before) {
+        assert_eq!(&greedy(&edited, p, 4), b, "{p}");
+    }
+    // The base model is untouched.
+    assert!(
+        greedy(base_model, "The Eiffel Tower is located in the city of", 3).starts_with(" Paris")
+    );
+}
+
+#[test]
+fn memit_writes_ten_counterfact_records_at_once() {
+    let all = datasets::load(EditDataset::Counterfact, &shared_dir().join("data")).unwrap();
+    let reqs: Vec<EditRequest> = all.into_iter().take(10).map(|r| r.request).collect();
+    let base = Overlay::base();
+    let steps = apply(&base, Method::Memit, &reqs, Value::Null);
+    assert_eq!(steps.len(), 1, "MEMIT makes one version for the batch");
+    let n = steps[0].reports.len() as f64;
+    let rel: f64 = steps[0]
+        .reports
+        .iter()
+        .map(|r| r.post.reliability)
+        .sum::<f64>()
+        / n;
+    let loc: f64 = steps[0]
+        .reports
+        .iter()
+        .map(|r| r.post.locality.unwrap())
+        .sum::<f64>()
+        / n;
+    let pre: f64 = steps[0]
+        .reports
+        .iter()
+        .map(|r| r.pre.reliability)
+        .sum::<f64>()
+        / n;
+    assert!(rel >= 0.9, "reliability {rel} (pre-edit {pre})");
+    assert!(loc >= 0.9, "locality {loc}");
+    // One low-rank delta per MEMIT layer, rank = batch size.
+    assert_eq!(steps[0].deltas.len(), 5);
+    assert!(steps[0].deltas.iter().all(|d| d.rank() == Some(10)));
+}
+
+#[test]
+fn sequential_edits_roll_back_bit_identically_and_survive_serialisation() {
+    let m = default_model();
+    let lm = m.model.as_ref();
+    let all = datasets::load(EditDataset::Counterfact, &shared_dir().join("data")).unwrap();
+    let reqs: Vec<EditRequest> = all
+        .into_iter()
+        .skip(20)
+        .take(5)
+        .map(|r| r.request)
+        .collect();
+    let probe = m
+        .tokenizer
+        .encode("The mother tongue of Danielle Darrieux is French, and")
+        .unwrap();
+    let base = Overlay::base();
+    let base_logits = all_logits(lm, &probe);
+    // FT-M keeps the test quick; the overlay mechanics are the same for every method.
+    let steps = apply(&base, Method::FtM, &reqs, json!({"steps": 5}));
+    assert_eq!(steps.len(), 5, "one version per sequential edit");
+    let mut versions = vec![base.clone()];
+    let mut recorded = vec![base_logits.clone()];
+    for s in &steps {
+        let v = Overlay::push(versions.last().unwrap(), s.deltas.clone());
+        recorded.push(all_logits(&view(m, &v), &probe));
+        versions.push(v);
+    }
+    assert_ne!(recorded[5], recorded[0], "the edits change the model");
+    // Roll back to version 2: the same chain, prepared anew, gives the same bits.
+    assert_eq!(all_logits(&view(m, &versions[2]), &probe), recorded[2]);
+    assert_eq!(all_logits(&view(m, &versions[0]), &probe), base_logits);
+    // Rebuilt from the stored bytes (what a restart does): identical logits at every version.
+    let mut rebuilt = Overlay::base();
+    for (k, s) in steps.iter().enumerate() {
+        let bytes = to_safetensors(&s.deltas).unwrap();
+        let deltas = from_safetensors(&bytes, lm.device(), DType::F32).unwrap();
+        rebuilt = Overlay::push(&rebuilt, deltas);
+        assert_eq!(
+            all_logits(&view(m, &rebuilt), &probe),
+            recorded[k + 1],
+            "version {}",
+            k + 1
+        );
+    }
+    // Another session (the base model) is unaffected throughout.
+    assert_eq!(all_logits(lm, &probe), base_logits);
+}
+
+#[test]
+fn bad_requests_and_hyper_parameters_name_the_field() {
+    let m = default_model();
+    let tok = &m.tokenizer;
+    let mut r = eiffel();
+    r.subject = "Big Ben".into();
+    let e = editing::validate(&[r], tok).unwrap_err().to_string();
+    assert!(e.starts_with("edits[0].subject:"), "{e}");
+    let mut r = eiffel();
+    r.target_new = " ".into();
+    let e = editing::validate(&[r], tok).unwrap_err().to_string();
+    assert!(e.starts_with("edits[0].target_new:"), "{e}");
+    let mut r = eiffel();
+    r.target_new = "word ".repeat(60);
+    let e = editing::validate(&[r], tok).unwrap_err().to_string();
+    assert!(e.starts_with("edits[0].target_new:"), "{e}");
+    let e = editing::validate(&[], tok).unwrap_err().to_string();
+    assert!(e.starts_with("edits:"), "{e}");
+    assert!("bogus".parse::<Method>().is_err());
+    let e = editing::apply(
+        m,
+        &Overlay::base(),
+        Method::Rome,
+        &[eiffel()],
+        &json!({"layer": 99}),
+        MeasureOptions::default(),
+        ctx(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("hparams.layer:"), "{e}");
+}

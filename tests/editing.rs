@@ -88,6 +88,9 @@ fn eiffel() -> EditRequest {
     }
 }
 
+/// Corpus sequences for the key statistics in these tests (the default is 1,000).
+const STATS: usize = 400;
+
 const UNRELATED: [&str; 4] = [
     "The Louvre is located in the city of",
     "The capital of Japan is",
@@ -106,7 +109,13 @@ fn rome_moves_the_eiffel_tower_to_rome_and_leaves_the_louvre_in_paris() {
     let before: Vec<String> = UNRELATED.iter().map(|p| greedy(base_model, p, 4)).collect();
 
     let base = Overlay::base();
-    let steps = apply(&base, Method::Rome, &[eiffel()], Value::Null);
+    // Fewer statistics samples than the default keep CI short; the edit is the same method.
+    let steps = apply(
+        &base,
+        Method::Rome,
+        &[eiffel()],
+        json!({"mom2_samples": STATS}),
+    );
     assert_eq!(steps.len(), 1);
     let r = &steps[0].reports[0];
     assert!(r.pre.reliability < 0.5, "{:?}", r.pre);
@@ -132,7 +141,7 @@ fn memit_writes_ten_counterfact_records_at_once() {
     let all = datasets::load(EditDataset::Counterfact, &shared_dir().join("data")).unwrap();
     let reqs: Vec<EditRequest> = all.into_iter().take(10).map(|r| r.request).collect();
     let base = Overlay::base();
-    let steps = apply(&base, Method::Memit, &reqs, Value::Null);
+    let steps = apply(&base, Method::Memit, &reqs, json!({"mom2_samples": STATS}));
     assert_eq!(steps.len(), 1, "MEMIT makes one version for the batch");
     let n = steps[0].reports.len() as f64;
     let rel: f64 = steps[0]

@@ -139,6 +139,76 @@ pub(super) fn mean_key(
     Ok(keys.mean(0)?)
 }
 
+/// Rows split at each row's lookup token: the prefixes (left-padded so the lookups align)
+/// and the suffixes from the lookup on (right-padded).
+struct Suffixes {
+    prefix: Option<(Tensor, Vec<usize>)>,
+    suffix: Tensor,
+    width: usize,
+}
+
+impl Suffixes {
+    fn new(
+        model: &dyn CausalLm,
+        tok: &Tok,
+        rows: &[Vec<u32>],
+        lookups: &[(usize, usize)],
+    ) -> Result<Self, EditError> {
+        let dev = model.device();
+        let p = lookups.iter().map(|l| l.1).max().unwrap_or(0);
+        let width = rows
+            .iter()
+            .zip(lookups)
+            .map(|(r, l)| r.len() - l.1)
+            .max()
+            .unwrap_or(1);
+        let mut pre = Vec::with_capacity(rows.len() * p);
+        let mut pads = Vec::with_capacity(rows.len());
+        let mut suf = vec![tok.eos_id; rows.len() * width];
+        for (i, (r, l)) in rows.iter().zip(lookups).enumerate() {
+            let pad = p - l.1;
+            pads.push(pad);
+            pre.extend(std::iter::repeat_n(tok.eos_id, pad));
+            pre.extend_from_slice(&r[..l.1]);
+            suf[i * width..i * width + r.len() - l.1].copy_from_slice(&r[l.1..]);
+        }
+        let prefix = (p > 0)
+            .then(|| Tensor::from_vec(pre, (rows.len(), p), dev).map(|t| (t, pads)))
+            .transpose()?;
+        Ok(Self {
+            prefix,
+            suffix: Tensor::from_vec(suf, (rows.len(), width), dev)?,
+            width,
+        })
+    }
+
+    /// The suffix's hidden state entering `layer`, and a cache holding the prefix at every
+    /// layer (its length is the suffix's `past` at every layer).
+    fn below(
+        &self,
+        model: &dyn CausalLm,
+        layer: usize,
+    ) -> Result<(Tensor, crate::engine::model::KvCache), EditError> {
+        let dev = model.device();
+        let n = model.spec().n_layers;
+        let b = self.suffix.dim(0)?;
+        let mut cache = crate::engine::model::KvCache::new(n);
+        if let Some((ids, pads)) = &self.prefix {
+            let p = ids.dim(1)?;
+            let mut fwd = Forward::new(b, p, dev)
+                .with_cache(&mut cache)
+                .with_left_padding(pads.clone());
+            let e = model.embed(ids, &fwd)?;
+            model.run_layers(e, 0..n, &mut fwd)?;
+        }
+        let mut below = cache.clone();
+        let mut fwd = Forward::new(b, self.width, dev).with_cache(&mut below);
+        let e = model.embed(&self.suffix, &fwd)?;
+        let h = model.run_layers(e, 0..layer, &mut fwd)?;
+        Ok((h, cache))
+    }
+}
+
 /// The optimisation of `v*`.
 pub(super) struct VParams {
     pub lr: f64,
@@ -193,15 +263,25 @@ pub(super) fn compute_v(
     lookups.push((kl_row, kl.subject_last));
     rows.push(kl.ids);
 
-    let input = pad(model, tok, &rows)?;
-    let (b, t) = input.dims2()?;
-    // Below the edited layer nothing depends on v*: run it once.
-    let mut fwd = Forward::new(b, t, &dev);
-    let e = model.embed(&input, &fwd)?;
-    let h_in = model.run_layers(e, 0..site.layer, &mut fwd)?;
+    // Nothing before a row's subject-last token depends on v*: left-pad the rows so those
+    // tokens line up, run the prefix once into a KV cache, and optimise over the suffix only
+    // (the lookup is then suffix column 0 in every row). Below the edited layer the suffix is
+    // also fixed: its hidden state entering that layer is computed once.
+    let split = Suffixes::new(model, tok, &rows, &lookups)?;
+    let b = rows.len();
+    let s_len = split.width;
+    let at0: Vec<(usize, usize)> = (0..b).map(|r| (r, 0)).collect();
+    let terms: Vec<(usize, usize, u32, f64)> = terms
+        .iter()
+        .map(|&(r, pos, id, w)| (r, pos - lookups[r].1, id, w))
+        .collect();
+    let (h_in, cache) = split.below(model, site.layer)?;
     let init = {
-        let mut hooks = Hooks::new().read(site, Positions::Rows(vec![lookups[0]]));
-        let mut fwd = Forward::new(b, t, &dev).with_hooks(&mut hooks);
+        let mut hooks = Hooks::new().read(site, Positions::Rows(vec![(0, 0)]));
+        let mut c = cache.clone();
+        let mut fwd = Forward::new(b, s_len, &dev)
+            .with_cache(&mut c)
+            .with_hooks(&mut hooks);
         model.run_layers(h_in.clone(), site.layer..site.layer + 1, &mut fwd)?;
         hooks
             .take(site)
@@ -225,15 +305,17 @@ pub(super) fn compute_v(
     let loss_rows: Vec<(usize, usize)> = terms
         .iter()
         .map(|t| (t.0, t.1))
-        .chain(std::iter::once(lookups[kl_row]))
+        .chain(std::iter::once((kl_row, 0)))
         .collect();
     let n_terms = terms.len();
     let mut kl_init: Option<Tensor> = None;
     let mut curve = Vec::with_capacity(p.steps);
     for step in 0..p.steps {
-        let values = Tensor::cat(&vec![delta.as_tensor(); lookups.len()], 0)?;
-        let mut hooks = Hooks::new().patch(site, lookups.clone(), values, PatchMode::Add);
-        let mut fwd = Forward::new(b, t, &dev)
+        let values = Tensor::cat(&vec![delta.as_tensor(); b], 0)?;
+        let mut hooks = Hooks::new().patch(site, at0.clone(), values, PatchMode::Add);
+        let mut c = cache.clone();
+        let mut fwd = Forward::new(b, s_len, &dev)
+            .with_cache(&mut c)
             .with_hooks(&mut hooks)
             .differentiable();
         let top = model.run_layers(h_in.clone(), site.layer..n_layers, &mut fwd)?;

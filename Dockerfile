@@ -18,7 +18,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends libopenblas0-pt
     && useradd --uid 10001 --create-home --home-dir /home/emend emend
 COPY --from=build /src/target/release/emend /usr/local/bin/emend
 USER 10001:10001
-ENV EMEND_CACHE_DIR=/data/cache EMEND_DATA_DIR=/data/db PIP_BREAK_SYSTEM_PACKAGES=1
+ENV EMEND_CACHE_DIR=/data/cache EMEND_STATE_DIR=/data/db PIP_BREAK_SYSTEM_PACKAGES=1
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/emend"]
 CMD ["serve", "--bind", "0.0.0.0:8080"]

@@ -9,7 +9,7 @@ PORT=${PORT:-18099}
 cargo build --release --quiet --bin emend --example loadgen
 DATA=$(mktemp -d)
 start() {
-  ./target/release/emend serve --bind 127.0.0.1:$PORT --data-dir "$DATA" "$@" > "$DATA/server.log" 2>&1 &
+  ./target/release/emend serve --bind 127.0.0.1:$PORT --state-dir "$DATA" "$@" > "$DATA/server.log" 2>&1 &
   PID=$!
   for _ in $(seq 1 300); do curl -sf http://127.0.0.1:$PORT/readyz > /dev/null && return; sleep 0.2; done
   echo "server did not start"; cat "$DATA/server.log"; exit 1

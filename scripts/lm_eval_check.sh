@@ -11,7 +11,7 @@ PORT=${PORT:-18098}
 SHARED=${EMEND_SHARED_DIR:-$(cd .. && pwd)/shared}
 cargo build --release --quiet --bin emend
 DATA=$(mktemp -d)
-./target/release/emend serve --bind 127.0.0.1:$PORT --data-dir "$DATA" > "$DATA/server.log" 2>&1 &
+./target/release/emend serve --bind 127.0.0.1:$PORT --state-dir "$DATA" > "$DATA/server.log" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 300); do curl -sf http://127.0.0.1:$PORT/readyz > /dev/null && break; sleep 0.2; done

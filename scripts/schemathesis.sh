@@ -17,7 +17,7 @@ KEY=schemathesis-key
 HASH=$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)
 # Small generation limits keep random requests fast; the limits themselves are exercised.
 EMEND_API_KEYS="st:$HASH" EMEND_MAX_NEW_TOKENS=8 EMEND_MAX_BATCH_ITEMS=4 EMEND_MAX_BODY_BYTES=65536 \
-  "$BIN" serve --bind 127.0.0.1:$PORT --data-dir "$DATA" > "$DATA/server.log" 2>&1 &
+  "$BIN" serve --bind 127.0.0.1:$PORT --state-dir "$DATA" > "$DATA/server.log" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 300); do curl -sf http://127.0.0.1:$PORT/readyz > /dev/null && break; sleep 0.2; done

@@ -20,10 +20,17 @@ pub struct Config {
     pub device: String,
     /// `f32`, `bf16`, `f16`; unset = f32 on CPU, bf16 on CUDA.
     pub dtype: Option<String>,
-    /// Where the SQLite database (and later caches) live.
-    pub data_dir: PathBuf,
-    /// `sqlite://…` or `postgres://…`; unset = `sqlite://<data_dir>/emend.db`.
+    /// Server state: the SQLite database `emend.db` (when `database_url` is unset).
+    pub state_dir: PathBuf,
+    /// `sqlite://…` or `postgres://…`; unset = `sqlite://<state_dir>/emend.db`.
     pub database_url: Option<String>,
+    /// Dataset directory laid out like `shared/data` (editing datasets, the statistics corpus);
+    /// unset = `$EMEND_SHARED_DIR/data`, else `../shared/data` when it exists.
+    pub data_dir: Option<PathBuf>,
+    /// Where ROME/MEMIT key statistics are cached; unset = `<cache dir>/stats`.
+    pub stats_dir: Option<PathBuf>,
+    /// Most edits in one `POST /v1/sessions/{id}/edits`.
+    pub max_edits_per_request: usize,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// Largest `max_tokens` a request may ask for.
@@ -61,8 +68,11 @@ impl Default for Config {
             tokenizer: None,
             device: "cpu".into(),
             dtype: None,
-            data_dir: default_data_dir(),
+            state_dir: default_state_dir(),
             database_url: None,
+            data_dir: crate::setup::default_datasets_dir(),
+            stats_dir: None,
+            max_edits_per_request: 64,
             max_body_bytes: 1 << 20,
             max_new_tokens: 2048,
             max_batch_items: 256,
@@ -82,7 +92,7 @@ impl Default for Config {
     }
 }
 
-fn default_data_dir() -> PathBuf {
+fn default_state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(d).join("emend");
     }
@@ -137,7 +147,7 @@ impl Config {
         self.database_url.clone().unwrap_or_else(|| {
             format!(
                 "sqlite://{}?mode=rwc",
-                self.data_dir.join("emend.db").display()
+                self.state_dir.join("emend.db").display()
             )
         })
     }
@@ -155,6 +165,7 @@ impl Config {
             ("max_body_bytes", self.max_body_bytes),
             ("max_new_tokens", self.max_new_tokens),
             ("max_batch_items", self.max_batch_items),
+            ("max_edits_per_request", self.max_edits_per_request),
             ("max_stop_len", self.max_stop_len),
             ("queue_interactive", self.queue_interactive),
             ("queue_edit", self.queue_edit),
@@ -180,6 +191,13 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// Where key statistics are cached.
+    pub fn stats_dir(&self) -> PathBuf {
+        self.stats_dir
+            .clone()
+            .unwrap_or_else(|| crate::setup::cache_dir().join("stats"))
     }
 
     /// The effective configuration for the log, secrets hidden.

@@ -15,7 +15,18 @@ pub struct Metrics {
     pub prompt_tokens_total: IntCounter,
     pub sessions: IntGauge,
     pub model_load_seconds: prometheus::Gauge,
+    /// Edit requests by method and outcome (`ok`, `invalid`: refused input, `failed`).
+    pub edits_total: IntCounterVec,
+    /// Wall time of an acknowledged edit request (queue, engine, commit).
+    pub edit_duration_seconds: HistogramVec,
+    /// Delta bytes of every live session's current version.
+    pub session_overlay_bytes: IntGauge,
 }
+
+/// Edits take from a fraction of a second (FT, few steps) to minutes (first ROME: statistics).
+const EDIT_SECONDS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 
 const LATENCY: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -83,6 +94,28 @@ impl Metrics {
                 "Seconds the model took to load",
             )
             .unwrap(),
+            edits_total: IntCounterVec::new(
+                Opts::new(
+                    "emend_edits_total",
+                    "Edit requests by method and outcome (ok, invalid, failed)",
+                ),
+                &["method", "outcome"],
+            )
+            .unwrap(),
+            edit_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "emend_edit_duration_seconds",
+                    "Wall time of an acknowledged edit request",
+                )
+                .buckets(EDIT_SECONDS.to_vec()),
+                &["method"],
+            )
+            .unwrap(),
+            session_overlay_bytes: IntGauge::new(
+                "emend_session_overlay_bytes",
+                "Delta bytes of the current versions of the live sessions",
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
@@ -98,6 +131,18 @@ impl Metrics {
         r.register(Box::new(m.prompt_tokens_total.clone())).unwrap();
         r.register(Box::new(m.sessions.clone())).unwrap();
         r.register(Box::new(m.model_load_seconds.clone())).unwrap();
+        r.register(Box::new(m.edits_total.clone())).unwrap();
+        r.register(Box::new(m.edit_duration_seconds.clone()))
+            .unwrap();
+        r.register(Box::new(m.session_overlay_bytes.clone()))
+            .unwrap();
+        // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
+        for method in crate::engine::editing::Method::ALL {
+            for outcome in ["ok", "invalid", "failed"] {
+                m.edits_total.with_label_values(&[method.name(), outcome]);
+            }
+            m.edit_duration_seconds.with_label_values(&[method.name()]);
+        }
         m
     }
 

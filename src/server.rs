@@ -10,7 +10,7 @@ use crate::engine::editing::EditingEnv;
 use crate::engine::model::LoadedModel;
 use crate::engine::worker::{Engine, EngineLimits};
 use crate::metrics::Metrics;
-use crate::sessions::Sessions;
+use crate::sessions::{Placement, Sessions};
 use crate::store::Store;
 
 /// Everything a running server holds; `shutdown` stops the engine and closes the store.
@@ -34,13 +34,19 @@ pub async fn start(
         ..EngineLimits::default()
     };
     let env = EditingEnv {
-        stats_dir: crate::setup::cache_dir().join("stats"),
-        data_dir: None,
+        stats_dir: cfg.stats_dir(),
+        data_dir: cfg.data_dir.clone(),
     };
     let engine = Engine::start(model, limits, metrics.clone(), env);
-    std::fs::create_dir_all(&cfg.data_dir)?;
+    std::fs::create_dir_all(&cfg.state_dir)?;
     let store = Store::connect(&cfg.database_url()).await?;
-    let sessions = Sessions::restore(store, metrics.clone()).await?;
+    // Restored deltas go where the engine computes, in its dtype: the same tensors an edit made.
+    let placement = Placement {
+        device: engine.device().clone(),
+        dtype: engine.dtype(),
+    };
+    // One session may queue as many edits as the edit lane holds; beyond that, 429.
+    let sessions = Sessions::restore(store, metrics.clone(), &placement, cfg.queue_edit).await?;
     let state = web::Data::new(AppState {
         engine,
         sessions,
@@ -48,6 +54,8 @@ pub async fn start(
         keys,
         limits: Limits::from_config(cfg),
         max_body_bytes: cfg.max_body_bytes,
+        data_dir: cfg.data_dir.clone(),
+        datasets: Default::default(),
     });
     let addr = listener.local_addr()?;
     let server = api::serve(

@@ -9,6 +9,7 @@ use crate::engine::editing::EditError;
 use crate::engine::model::ModelError;
 use crate::engine::worker::EngineError;
 use crate::sessions::SessionError;
+use crate::store::StoreError;
 
 macro_rules! codes {
     ($($variant:ident, $code:literal, $status:ident, $title:literal;)*) => {
@@ -111,7 +112,20 @@ impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         match e {
             SessionError::NotFound(_) => Self::new(Code::NotFound, e.to_string()),
-            SessionError::VersionNotFound { .. } => Self::field("from.version", e.to_string()),
+            SessionError::VersionNotFound { field, .. } => Self::field(field, e.to_string()),
+            SessionError::Busy { .. } => Self {
+                code: Code::Overloaded,
+                detail: e.to_string(),
+                retry_after: Some(1),
+            },
+            SessionError::Engine(e) => e.into(),
+            SessionError::Store(StoreError::SessionGone(_)) => {
+                Self::new(Code::NotFound, e.to_string())
+            }
+            SessionError::Delta { .. } | SessionError::Corrupt { .. } => {
+                tracing::error!(error = %e, "session delta error");
+                Self::new(Code::Internal, "the session's edit could not be stored")
+            }
             SessionError::Store(s) => {
                 tracing::error!(error = %s, "store error");
                 Self {

@@ -10,7 +10,6 @@ use super::{ApiError, AppState, Body, Code, Limits, Tenant};
 use crate::engine::model::generate::{FinishReason, GenParams, Generation};
 use crate::engine::model::sampling::Sampling;
 use crate::engine::model::tokenizer::ChatMessage;
-use crate::engine::overlay::Overlay;
 use crate::engine::worker::{GenEvent, Lane, ModelView, Work};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -56,6 +55,9 @@ pub struct GenerateRequest {
     /// Stream text as server-sent events (`token` events, then one `done` event).
     #[serde(default)]
     pub stream: bool,
+    /// Generate from this version of the session (default: the current one).
+    #[schema(minimum = 0)]
+    pub version: Option<u64>,
 }
 
 fn default_max_tokens() -> usize {
@@ -95,6 +97,9 @@ pub struct LoglikelihoodRequest {
     /// At most `max_batch_items` (configuration, default 256).
     #[schema(min_items = 1)]
     pub requests: Vec<LoglikelihoodItem>,
+    /// Score this version of the session (default: the current one).
+    #[schema(minimum = 0)]
+    pub version: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -312,8 +317,9 @@ async fn generate(
     id: web::Path<String>,
     body: Body<GenerateRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let session = state.sessions.get(&tenant.0, &id)?;
     let body = body.0;
+    // 404 for a missing session, 422 naming `version` for a missing version, before the rest.
+    let view = state.sessions.view(&tenant.0, &id, body.version)?;
     let text = match (&body.prompt, &body.messages) {
         (Some(p), None) => p.clone(),
         (None, Some(m)) => render_messages(&state, m)?,
@@ -340,9 +346,8 @@ async fn generate(
             stop: &body.stop,
         },
     )?;
-    let view = ModelView::new(&session.id, session.version, Overlay::base());
+    let (sid, version) = (id.into_inner(), view.version);
     let rx = submit_generation(&state, view, ids, params)?;
-    let (sid, version) = (session.id, session.version);
     if body.stream {
         return Ok(sse(
             rx,
@@ -391,8 +396,9 @@ async fn loglikelihood(
     id: web::Path<String>,
     body: Body<LoglikelihoodRequest>,
 ) -> Result<web::Json<LoglikelihoodResponse>, ApiError> {
-    let session = state.sessions.get(&tenant.0, &id)?;
-    let reqs = body.0.requests;
+    let body = body.0;
+    let view = state.sessions.view(&tenant.0, &id, body.version)?;
+    let reqs = body.requests;
     let max = state.limits.max_batch_items;
     if reqs.is_empty() || reqs.len() > max {
         return Err(ApiError::field(
@@ -407,7 +413,6 @@ async fn loglikelihood(
         ));
     }
     let (tx, rx) = oneshot::channel();
-    let view = ModelView::new(&session.id, session.version, Overlay::base());
     let pairs = reqs
         .into_iter()
         .map(|r| (r.context, r.continuation))

@@ -16,6 +16,7 @@ use crate::engine::worker::Engine;
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
 
+mod edits;
 pub mod error;
 mod inference;
 pub mod openai;
@@ -33,6 +34,7 @@ pub struct Limits {
     pub max_stop_sequences: usize,
     pub max_stop_len: usize,
     pub eval_patience: Duration,
+    pub max_edits_per_request: usize,
 }
 
 impl Limits {
@@ -43,6 +45,7 @@ impl Limits {
             max_stop_sequences: c.max_stop_sequences,
             max_stop_len: c.max_stop_len,
             eval_patience: Duration::from_secs(c.eval_patience_secs),
+            max_edits_per_request: c.max_edits_per_request,
         }
     }
 }
@@ -55,6 +58,9 @@ pub struct AppState {
     pub keys: ApiKeys,
     pub limits: Limits,
     pub max_body_bytes: usize,
+    /// Dataset directory for edits that name dataset records.
+    pub data_dir: Option<std::path::PathBuf>,
+    pub datasets: edits::DatasetCache,
 }
 
 /// The request being served, for problem bodies (`instance`, `request_id`) and logs.
@@ -207,6 +213,7 @@ pub(crate) fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     system::routes(cfg);
     sessions::routes(cfg);
+    edits::routes(cfg);
     inference::routes(cfg);
     openai::routes(cfg);
     cfg.service(utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url(
@@ -279,6 +286,10 @@ fn json_error(err: actix_web::error::JsonPayloadError, req: &HttpRequest) -> act
     family_error(req.path(), e)
 }
 
+fn query_error(err: actix_web::error::QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    ApiError::new(Code::MalformedRequest, format!("query string: {err}")).into()
+}
+
 fn path_error(err: actix_web::error::PathError, _req: &HttpRequest) -> actix_web::Error {
     ApiError::new(Code::NotFound, err.to_string()).into()
 }
@@ -300,6 +311,7 @@ pub fn serve(
                     .error_handler(json_error),
             )
             .app_data(web::PathConfig::default().error_handler(path_error))
+            .app_data(web::QueryConfig::default().error_handler(query_error))
             .wrap(from_fn(observe))
             .configure(routes)
             .default_service(web::to(|| async {

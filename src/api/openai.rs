@@ -16,7 +16,6 @@ use super::inference::{
 use super::{ApiError, AppState, Body, Code, Tenant};
 use crate::engine::model::generate::{FinishReason, Generation};
 use crate::engine::model::score::TokenScores;
-use crate::engine::overlay::Overlay;
 use crate::engine::worker::{Lane, ModelView, Work};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -226,8 +225,7 @@ pub fn base_model_id(state: &AppState) -> String {
 
 fn resolve_model(state: &AppState, tenant: &Tenant, model: &str) -> Result<ModelView, ApiError> {
     if let Some(id) = model.strip_prefix("session:") {
-        let s = state.sessions.get(&tenant.0, id)?;
-        return Ok(ModelView::new(&s.id, s.version, Overlay::base()));
+        return Ok(state.sessions.view(&tenant.0, id, None)?);
     }
     if model == "base" || model == base_model_id(state) {
         return Ok(ModelView::base());

@@ -1,6 +1,10 @@
 //! The OpenAPI document (`emend openapi`, `/openapi.json`, `openapi/openapi.json`).
 use utoipa::OpenApi;
 
+use super::edits::{
+    ApplyEdits, ApplyEditsResponse, DatasetRecord, EditHistory, EditItem, HistoryEntry, MethodDto,
+    MethodList, MethodName, RollbackRequest, VersionDto,
+};
 use super::error::Problem;
 use super::inference::{
     GenerateRequest, GenerateResponse, LoglikelihoodItem, LoglikelihoodRequest,
@@ -14,6 +18,8 @@ use super::openai::{
 };
 use super::sessions::{CreateSession, ForkFrom, ParentDto, SessionDto, SessionList};
 use super::system::{Health, ModelDto};
+use crate::engine::editing::datasets::EditDataset;
+use crate::engine::editing::{EditMetrics, EditReport, EditRequest, PromptAnswer, PromptScore};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,12 +29,15 @@ use super::system::{Health, ModelDto};
     paths(
         super::system::healthz, super::system::readyz, super::system::metrics, super::system::model, super::system::problem_type,
         super::sessions::create, super::sessions::list, super::sessions::get, super::sessions::delete,
+        super::edits::apply, super::edits::history, super::edits::version, super::edits::rollback, super::edits::methods,
         super::inference::generate, super::inference::loglikelihood,
         super::openai::completions, super::openai::chat_completions, super::openai::models,
         super::openai::tokenizer_info, super::openai::tokenize, super::openai::detokenize,
     ),
     components(schemas(
         Problem, Health, ModelDto, CreateSession, ForkFrom, SessionDto, ParentDto, SessionList,
+        ApplyEdits, ApplyEditsResponse, EditItem, DatasetRecord, EditDataset, MethodName, VersionDto, HistoryEntry, EditHistory,
+        RollbackRequest, MethodDto, MethodList, EditRequest, PromptAnswer, EditReport, EditMetrics, PromptScore,
         GenerateRequest, GenerateResponse, Message, Usage, LoglikelihoodItem, LoglikelihoodRequest, LoglikelihoodResult, LoglikelihoodResponse,
         CompletionRequest, CompletionResponse, CompletionChoice, Logprobs, OpenAiUsage, PromptInput, StopInput,
         ChatCompletionRequest, ChatCompletionResponse, ChatChoice, ChatMessageOut, ModelList, ModelCard,
@@ -38,6 +47,7 @@ use super::system::{Health, ModelDto};
     modifiers(&BearerAuth, &CommonResponses),
     tags(
         (name = "sessions", description = "A session is the base model plus an ordered edit log"),
+        (name = "edits", description = "Knowledge edits as session versions: apply, history, rollback, methods"),
         (name = "inference", description = "Generation and scoring against a session"),
         (name = "openai", description = "OpenAI-compatible routes (lm-evaluation-harness `local-completions`)"),
         (name = "tokenizer", description = "Tokenizer probes used by lm-evaluation-harness"),

@@ -17,6 +17,10 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long)]
     pub bind: Option<String>,
+    /// Server state (the SQLite database) [default: $XDG_DATA_HOME/emend].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Dataset directory laid out like shared/data (editing datasets, statistics corpus).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// sqlite://… or postgres://…
@@ -34,8 +38,11 @@ pub fn run(g: &Global, a: ServeArgs) -> Result<()> {
     if let Some(v) = a.bind {
         cfg.bind = v;
     }
+    if let Some(v) = a.state_dir {
+        cfg.state_dir = v;
+    }
     if let Some(v) = a.data_dir {
-        cfg.data_dir = v;
+        cfg.data_dir = Some(v);
     }
     if let Some(v) = a.database_url {
         cfg.database_url = Some(v);

@@ -3,7 +3,10 @@
 use std::str::FromStr;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{Any, AnyPool, Executor, Row, Transaction};
+
+mod log;
+pub use log::{LogEntry, LogKind, NewEdit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -19,6 +22,11 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("unsupported database URL `{0}` (sqlite://… or postgres://…)")]
     Url(String),
+    /// The session was deleted while a change to it was being written; nothing was written.
+    #[error("session `{0}` no longer exists")]
+    SessionGone(String),
+    #[error("the stored log is inconsistent: {0}")]
+    Inconsistent(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -97,19 +105,9 @@ impl Store {
     }
 
     pub async fn insert_session(&self, s: &SessionRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO sessions (id, tenant, name, created_at, parent_id, parent_version, current_version) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&s.id)
-        .bind(&s.tenant)
-        .bind(&s.name)
-        .bind(&s.created_at)
-        .bind(&s.parent_id)
-        .bind(s.parent_version)
-        .bind(s.current_version)
-        .execute(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        insert_session_in(&mut tx, s).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -138,6 +136,23 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+async fn insert_session_in(tx: &mut Transaction<'_, Any>, s: &SessionRow) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO sessions (id, tenant, name, created_at, parent_id, parent_version, current_version) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&s.id)
+    .bind(&s.tenant)
+    .bind(&s.name)
+    .bind(&s.created_at)
+    .bind(&s.parent_id)
+    .bind(s.parent_version)
+    .bind(s.current_version)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 fn session_row(r: &AnyRow) -> Result<SessionRow> {

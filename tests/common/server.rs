@@ -18,9 +18,9 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
-pub fn keys_config(data_dir: &Path) -> Config {
+pub fn keys_config(state_dir: &Path) -> Config {
     Config {
-        data_dir: data_dir.to_path_buf(),
+        state_dir: state_dir.to_path_buf(),
         api_keys: Some(format!(
             "alice:{},bob:{}",
             sha256_hex(ALICE.as_bytes()),
@@ -79,7 +79,7 @@ pub struct ChildServer {
 }
 
 impl ChildServer {
-    pub fn start(data_dir: &Path, database_url: Option<&str>) -> Self {
+    pub fn start(state_dir: &Path, database_url: Option<&str>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -90,8 +90,8 @@ impl ChildServer {
             "serve",
             "--bind",
             &format!("127.0.0.1:{port}"),
-            "--data-dir",
-            data_dir.to_str().unwrap(),
+            "--state-dir",
+            state_dir.to_str().unwrap(),
         ])
         .env("EMEND_MODEL", super::default_model_path())
         .stdout(Stdio::null())

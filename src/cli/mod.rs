@@ -14,6 +14,7 @@ use emend::engine::model::{DeviceKind, LoadOptions, LoadedModel, ModelSource};
 use emend::setup;
 
 mod bench;
+mod eval;
 mod serve;
 
 #[derive(Parser)]
@@ -68,6 +69,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Print the OpenAPI document (`emend openapi > openapi/openapi.json`).
     Openapi,
+    /// Run lm-evaluation-harness-compatible benchmarks (scores on stdout).
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -281,6 +284,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(&g, a)?,
         Command::Serve(a) => serve::run(&g, a)?,
         Command::Openapi => print!("{}", emend::api::openapi::json()),
+        Command::Eval(a) => eval::run(&g, a)?,
     }
     Ok(())
 }

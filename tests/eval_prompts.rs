@@ -45,7 +45,11 @@ fn rendering_matches_lm_eval() {
         let task_name = g["emend_task"].as_str().unwrap();
         let subtask = g["subtask"].as_str();
         let task = get_task(task_name).unwrap();
-        assert_eq!(task.version(), g["version"].as_str().unwrap().replace("None", "none"), "{name}: version");
+        assert_eq!(
+            task.version(),
+            g["version"].as_str().unwrap().replace("None", "none"),
+            "{name}: version"
+        );
         let p = prepared.entry(task_name.to_string()).or_insert_with(|| {
             let opts = TaskOptions {
                 limit: Some(if subtask.is_some() { 1 } else { 3 }),
@@ -55,7 +59,11 @@ fn rendering_matches_lm_eval() {
             task.prepare(&data_dir(task_name), &opts)
                 .unwrap_or_else(|e| panic!("{task_name}: {e}"))
         });
-        assert_eq!(p.num_fewshot as u64, g["num_fewshot"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            p.num_fewshot as u64,
+            g["num_fewshot"].as_u64().unwrap(),
+            "{name}"
+        );
         let ours: Vec<_> = p
             .instances
             .iter()
@@ -66,7 +74,12 @@ fn rendering_matches_lm_eval() {
         for (inst, d) in ours.iter().zip(docs) {
             assert_eq!(inst.doc_id as u64, d["doc_id"].as_u64().unwrap(), "{name}");
             let want = d["requests"].as_array().unwrap();
-            assert_eq!(inst.requests.len(), want.len(), "{name} doc {}: requests", inst.doc_id);
+            assert_eq!(
+                inst.requests.len(),
+                want.len(),
+                "{name} doc {}: requests",
+                inst.doc_id
+            );
             for (r, w) in inst.requests.iter().zip(want) {
                 let r = serde_json::to_value(r).unwrap();
                 for key in ["context", "continuation", "text"] {

@@ -56,8 +56,15 @@ fn loglikelihoods_match_lm_eval_hf() {
                 .map(|x| x.as_f64().unwrap())
                 .collect();
             assert_eq!(ours.len(), lls.len(), "{task} doc {}", inst.doc_id);
-            for ((ll, greedy), (w, wg)) in ours.iter().zip(lls.iter().zip(want["is_greedy"].as_array().unwrap())) {
-                assert!((ll - w).abs() < TOL, "{task} doc {}: {ll} vs lm-eval {w}", inst.doc_id);
+            for ((ll, greedy), (w, wg)) in ours
+                .iter()
+                .zip(lls.iter().zip(want["is_greedy"].as_array().unwrap()))
+            {
+                assert!(
+                    (ll - w).abs() < TOL,
+                    "{task} doc {}: {ll} vs lm-eval {w}",
+                    inst.doc_id
+                );
                 if let Some(wg) = wg.as_bool() {
                     assert_eq!(*greedy, wg, "{task} doc {}: is_greedy", inst.doc_id);
                 }
@@ -65,10 +72,12 @@ fn loglikelihoods_match_lm_eval_hf() {
             if let Scorer::MultipleChoice { .. } = inst.scorer {
                 let responses: Vec<_> = ours
                     .iter()
-                    .map(|&(logprob, is_greedy)| emend::engine::eval::Response::Loglikelihood {
-                        logprob,
-                        is_greedy,
-                    })
+                    .map(
+                        |&(logprob, is_greedy)| emend::engine::eval::Response::Loglikelihood {
+                            logprob,
+                            is_greedy,
+                        },
+                    )
                     .collect();
                 for (metric, s) in inst.score(&responses) {
                     if let (Some(w), emend::engine::eval::metrics::Sample::Mean(v)) =

@@ -58,7 +58,8 @@ fn arc_numeric_labels_and_odd_choice_counts() {
         .unwrap()
         .prepare(&data(), &TaskOptions::default())
         .unwrap();
-    let docs = emend::engine::eval::tasks::arc::load(&data().join("arc/ARC-Easy-test.jsonl")).unwrap();
+    let docs =
+        emend::engine::eval::tasks::arc::load(&data().join("arc/ARC-Easy-test.jsonl")).unwrap();
     let numeric: Vec<_> = docs
         .iter()
         .filter(|d| d.choices.label.iter().all(|l| l.parse::<u32>().is_ok()))
@@ -105,7 +106,11 @@ fn mmlu_subjects_categories_and_shots() {
     assert!(context.starts_with(
         "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
     ));
-    assert_eq!(context.matches("\nAnswer:").count(), 6, "5 shots + the question");
+    assert_eq!(
+        context.matches("\nAnswer:").count(),
+        6,
+        "5 shots + the question"
+    );
     let conts: Vec<_> = p.instances[0]
         .requests
         .iter()
@@ -123,11 +128,19 @@ fn truthfulqa_keeps_the_files_answer_order() {
         limit: Some(817),
         ..Default::default()
     };
-    let mc1 = get_task("truthfulqa_mc1").unwrap().prepare(&data(), &opts).unwrap();
-    let mc2 = get_task("truthfulqa_mc2").unwrap().prepare(&data(), &opts).unwrap();
+    let mc1 = get_task("truthfulqa_mc1")
+        .unwrap()
+        .prepare(&data(), &opts)
+        .unwrap();
+    let mc2 = get_task("truthfulqa_mc2")
+        .unwrap()
+        .prepare(&data(), &opts)
+        .unwrap();
     for (a, b) in mc1.instances.iter().zip(&mc2.instances) {
         assert!(matches!(a.scorer, Scorer::MultipleChoice { gold: 0, .. }));
-        let Scorer::Mc2 { labels } = &b.scorer else { panic!("mc2") };
+        let Scorer::Mc2 { labels } = &b.scorer else {
+            panic!("mc2")
+        };
         assert_eq!(labels.len(), b.requests.len());
         assert!(labels.iter().any(|&t| t) && labels.iter().any(|&t| !t));
     }
@@ -144,7 +157,13 @@ fn truthfulqa_keeps_the_files_answer_order() {
 fn limit_seed_and_fewshot_options() {
     let t = get_task("arc_easy").unwrap();
     let first = t
-        .prepare(&data(), &TaskOptions { limit: Some(5), ..Default::default() })
+        .prepare(
+            &data(),
+            &TaskOptions {
+                limit: Some(5),
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!(
         first.instances.iter().map(|i| i.doc_id).collect::<Vec<_>>(),
@@ -153,7 +172,11 @@ fn limit_seed_and_fewshot_options() {
     let sampled = |seed| {
         t.prepare(
             &data(),
-            &TaskOptions { limit: Some(5), seed: Some(seed), num_fewshot: None },
+            &TaskOptions {
+                limit: Some(5),
+                seed: Some(seed),
+                num_fewshot: None,
+            },
         )
         .unwrap()
         .instances
@@ -165,7 +188,14 @@ fn limit_seed_and_fewshot_options() {
     assert_ne!(sampled(3), sampled(4));
     // few-shot ARC draws from the train split
     let shots = t
-        .prepare(&data(), &TaskOptions { limit: Some(1), num_fewshot: Some(2), seed: None })
+        .prepare(
+            &data(),
+            &TaskOptions {
+                limit: Some(1),
+                num_fewshot: Some(2),
+                seed: None,
+            },
+        )
         .unwrap();
     assert_eq!(shots.data_files.len(), 2);
     let Request::Loglikelihood { context, .. } = &shots.instances[0].requests[0] else {
@@ -175,7 +205,13 @@ fn limit_seed_and_fewshot_options() {
     // a task with no few-shot pool here refuses a few-shot count
     let e = get_task("piqa")
         .unwrap()
-        .prepare(&data(), &TaskOptions { num_fewshot: Some(1), ..Default::default() })
+        .prepare(
+            &data(),
+            &TaskOptions {
+                num_fewshot: Some(1),
+                ..Default::default()
+            },
+        )
         .unwrap_err();
     assert!(e.to_string().contains("num_fewshot"), "{e}");
 }
@@ -185,7 +221,10 @@ fn unknown_task_is_named() {
     let e = get_task("arc_eazy").err().unwrap();
     assert!(matches!(e, EvalError::UnknownTask { .. }));
     let msg = e.to_string();
-    assert!(msg.contains("`arc_eazy`") && msg.contains("arc_easy"), "{msg}");
+    assert!(
+        msg.contains("`arc_eazy`") && msg.contains("arc_easy"),
+        "{msg}"
+    );
     assert_eq!(list_tasks().len(), 15);
 }
 
@@ -193,7 +232,13 @@ fn unknown_task_is_named() {
 fn results_record_file_digests() {
     let p = get_task("lambada_openai")
         .unwrap()
-        .prepare(&data(), &TaskOptions { limit: Some(1), ..Default::default() })
+        .prepare(
+            &data(),
+            &TaskOptions {
+                limit: Some(1),
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!(p.data_files[0].path, "lambada/lambada_test.jsonl");
     // the digest lm-evaluation-harness pinned (data README)

@@ -206,7 +206,10 @@ mod tests {
             ("ppl".into(), Sample::Perplexity(-3.0)),
             ("wp".into(), Sample::WeightedPerplexity(-6.0, 2.0)),
             ("wp".into(), Sample::WeightedPerplexity(-2.0, 2.0)),
-            ("bpb".into(), Sample::BitsPerByte(-std::f64::consts::LN_2 * 8.0, 4.0)),
+            (
+                "bpb".into(),
+                Sample::BitsPerByte(-std::f64::consts::LN_2 * 8.0, 4.0),
+            ),
         ]);
         assert_eq!(m["acc"], 0.5);
         assert!((m["acc_stderr"] - 0.5).abs() < 1e-12);

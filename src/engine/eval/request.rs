@@ -31,7 +31,9 @@ pub enum Request {
         continuation: String,
     },
     /// Log-likelihood of a whole text with disjoint windows (perplexity).
-    LoglikelihoodRolling { text: String },
+    LoglikelihoodRolling {
+        text: String,
+    },
     GenerateUntil(GenRequest),
 }
 

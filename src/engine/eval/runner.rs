@@ -205,9 +205,10 @@ impl Evaluator {
             let out = backend.loglikelihood(&pairs)?;
             check_len(out.len(), pairs.len())?;
             for ((r, _), (logprob, is_greedy)) in chunk.iter().zip(out) {
-                self.cache
-                    .answers
-                    .insert(RequestCache::key(r), Response::Loglikelihood { logprob, is_greedy });
+                self.cache.answers.insert(
+                    RequestCache::key(r),
+                    Response::Loglikelihood { logprob, is_greedy },
+                );
             }
             done += chunk.len();
             if !progress(done, total) {
@@ -246,16 +247,15 @@ impl Evaluator {
         let mut by_sub: BTreeMap<String, Vec<(String, Sample)>> = BTreeMap::new();
         let mut n_requests = 0;
         for inst in &p.instances {
-            let responses: Vec<Response> = inst
-                .requests
-                .iter()
-                .map(|r| {
-                    self.cache
-                        .get(r)
-                        .cloned()
-                        .ok_or_else(|| EvalError::Backend("a request was left unanswered".into()))
-                })
-                .collect::<Result<_>>()?;
+            let responses: Vec<Response> =
+                inst.requests
+                    .iter()
+                    .map(|r| {
+                        self.cache.get(r).cloned().ok_or_else(|| {
+                            EvalError::Backend("a request was left unanswered".into())
+                        })
+                    })
+                    .collect::<Result<_>>()?;
             n_requests += responses.len();
             let samples = inst.score(&responses);
             if let Some(s) = &inst.subtask {
@@ -328,7 +328,9 @@ mod tests {
     impl LmBackend for Fake {
         fn loglikelihood(&mut self, r: &[(String, String)]) -> Result<Vec<(f64, bool)>> {
             self.pairs += r.len();
-            Ok(r.iter().map(|(_, c)| (-(c.len() as f64), c == " No")).collect())
+            Ok(r.iter()
+                .map(|(_, c)| (-(c.len() as f64), c == " No"))
+                .collect())
         }
         fn loglikelihood_rolling(&mut self, t: &[String]) -> Result<Vec<(f64, usize)>> {
             Ok(t.iter().map(|t| (-(t.len() as f64), t.len())).collect())
@@ -349,10 +351,16 @@ mod tests {
         let mut fake = Fake::default();
         let mut seen = Vec::new();
         let r = ev
-            .evaluate(&names, &EvalOptions::default(), &fixtures(), &mut fake, &mut |d, t| {
-                seen.push((d, t));
-                true
-            })
+            .evaluate(
+                &names,
+                &EvalOptions::default(),
+                &fixtures(),
+                &mut fake,
+                &mut |d, t| {
+                    seen.push((d, t));
+                    true
+                },
+            )
             .unwrap();
         // the same task twice builds its 6 requests twice; each is answered once
         assert_eq!((r.requests.total, r.requests.unique), (12, 6));
@@ -365,13 +373,25 @@ mod tests {
         assert!((m["acc"] - 1.0 / 3.0).abs() < 1e-12, "{m:?}");
         // a second run is answered from the cache
         let r2 = ev
-            .evaluate(&names, &EvalOptions::default(), &fixtures(), &mut fake, &mut |_, _| true)
+            .evaluate(
+                &names,
+                &EvalOptions::default(),
+                &fixtures(),
+                &mut fake,
+                &mut |_, _| true,
+            )
             .unwrap();
         assert_eq!((r2.requests.unique, r2.requests.cached), (0, 6));
         assert_eq!(fake.pairs, 6);
         // cancelling stops the run
-        let e = evaluate(&names, &EvalOptions::default(), &fixtures(), &mut fake, &mut |_, _| false)
-            .unwrap_err();
+        let e = evaluate(
+            &names,
+            &EvalOptions::default(),
+            &fixtures(),
+            &mut fake,
+            &mut |_, _| false,
+        )
+        .unwrap_err();
         assert!(matches!(e, EvalError::Cancelled));
     }
 
@@ -382,7 +402,13 @@ mod tests {
             limit: Some(0),
             ..Default::default()
         };
-        let e = evaluate(&["toxigen".into()], &opts, &fixtures(), &mut fake, &mut |_, _| true);
+        let e = evaluate(
+            &["toxigen".into()],
+            &opts,
+            &fixtures(),
+            &mut fake,
+            &mut |_, _| true,
+        );
         assert!(matches!(e, Err(EvalError::Option(_))));
         let e = evaluate(
             &["toxigen".into(), "nope".into()],

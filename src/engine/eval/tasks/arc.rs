@@ -37,7 +37,10 @@ impl Doc {
         format!("Question: {}\nAnswer:", self.question)
     }
     pub fn gold(&self) -> Option<usize> {
-        self.choices.label.iter().position(|l| *l == self.answer_key)
+        self.choices
+            .label
+            .iter()
+            .position(|l| *l == self.answer_key)
     }
 }
 

@@ -90,10 +90,7 @@ pub fn parse_cot_prompt(path: &Path, raw: &str) -> Result<CotPrompt> {
                 .ok_or_else(|| EvalError::data(path, "an example without its answer cue"))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(CotPrompt {
-        description,
-        shots,
-    })
+    Ok(CotPrompt { description, shots })
 }
 
 pub fn filter() -> Filter {

@@ -57,14 +57,20 @@ impl Task for CommonsenseQa {
         for i in select(docs.len(), opts.limit, opts.seed) {
             let d = &docs[i];
             if d.choices.text.len() != 5 {
-                return Err(EvalError::data(&path, format!("row {}: not 5 choices", i + 1)));
+                return Err(EvalError::data(
+                    &path,
+                    format!("row {}: not 5 choices", i + 1),
+                ));
             }
             // lm-eval maps the answer letter to its position among the choice letters.
             let gold = LETTERS
                 .iter()
                 .position(|l| *l == d.answer_key.trim_start())
                 .ok_or_else(|| {
-                    EvalError::data(&path, format!("row {}: answerKey `{}`", i + 1, d.answer_key))
+                    EvalError::data(
+                        &path,
+                        format!("row {}: answerKey `{}`", i + 1, d.answer_key),
+                    )
                 })?;
             let choices = LETTERS.iter().map(|l| l.to_string()).collect();
             instances.push(multiple_choice(i, d.text(), choices, gold, false));

@@ -27,8 +27,7 @@ pub struct Doc {
     pub label: serde_json::Value,
 }
 
-static BRACKETED: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\[.*?\]").expect("valid regex"));
+static BRACKETED: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\[.*?\]").expect("valid regex"));
 
 pub fn preprocess(text: &str) -> String {
     let t = text.trim().replace(" [title]", ". ");
@@ -39,7 +38,10 @@ pub fn preprocess(text: &str) -> String {
 pub fn capitalize(s: &str) -> String {
     let mut c = s.chars();
     match c.next() {
-        Some(f) => f.to_uppercase().chain(c.flat_map(char::to_lowercase)).collect(),
+        Some(f) => f
+            .to_uppercase()
+            .chain(c.flat_map(char::to_lowercase))
+            .collect(),
         None => String::new(),
     }
 }

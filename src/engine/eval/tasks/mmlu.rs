@@ -5,7 +5,9 @@
 //! with per-subject and per-category breakdowns. `limit` applies per subject, as in lm-eval.
 use std::path::Path;
 
-use super::{fewshot_context, multiple_choice, Prepared, Shot, Task, TaskOptions, TARGET_DELIMITER};
+use super::{
+    fewshot_context, multiple_choice, Prepared, Shot, Task, TaskOptions, TARGET_DELIMITER,
+};
 use crate::engine::eval::data::{digest, read_csv_records, select};
 use crate::engine::eval::error::{EvalError, Result};
 
@@ -110,7 +112,9 @@ pub fn load(path: &Path) -> Result<Vec<Doc>> {
                 .parse()
                 .ok()
                 .filter(|a| *a < 4)
-                .ok_or_else(|| EvalError::data(path, format!("record {}: answer not 0-3", i + 1)))?;
+                .ok_or_else(|| {
+                    EvalError::data(path, format!("record {}: answer not 0-3", i + 1))
+                })?;
             Ok(Doc {
                 question: field("question")?,
                 choices: [

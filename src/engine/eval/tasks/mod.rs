@@ -137,7 +137,10 @@ impl Instance {
                         "byte_perplexity".into(),
                         Sample::WeightedPerplexity(ll, *bytes as f64),
                     ),
-                    ("bits_per_byte".into(), Sample::BitsPerByte(ll, *bytes as f64)),
+                    (
+                        "bits_per_byte".into(),
+                        Sample::BitsPerByte(ll, *bytes as f64),
+                    ),
                 ]
             }
             Scorer::Generation {
@@ -229,7 +232,12 @@ pub struct Shot {
 
 /// lm-eval's plain-text context: description, then each example as
 /// `text + target_delimiter + target + fewshot_delimiter`, then the document's text.
-pub fn fewshot_context(description: &str, shots: &[Shot], target_delim: &str, text: &str) -> String {
+pub fn fewshot_context(
+    description: &str,
+    shots: &[Shot],
+    target_delim: &str,
+    text: &str,
+) -> String {
     let mut out = description.to_string();
     for s in shots {
         out.push_str(&s.text);

@@ -33,7 +33,8 @@ impl Doc {
 }
 
 pub fn load(path: &Path) -> Result<Vec<Doc>> {
-    let bad = |i: usize, f: &str| EvalError::data(path, format!("row {}: bad or missing `{f}`", i + 1));
+    let bad =
+        |i: usize, f: &str| EvalError::data(path, format!("row {}: bad or missing `{f}`", i + 1));
     if path.extension().is_some_and(|e| e == "csv") {
         read_csv_records(path)?
             .into_iter()
@@ -58,7 +59,10 @@ pub fn load(path: &Path) -> Result<Vec<Doc>> {
             .map(|(i, r)| {
                 let num = |f: &str| r[f].as_f64().ok_or_else(|| bad(i, f));
                 Ok(Doc {
-                    text: r["text"].as_str().ok_or_else(|| bad(i, "text"))?.to_string(),
+                    text: r["text"]
+                        .as_str()
+                        .ok_or_else(|| bad(i, "text"))?
+                        .to_string(),
                     toxicity_ai: num("toxicity_ai")?,
                     toxicity_human: num("toxicity_human")?,
                 })
@@ -85,7 +89,13 @@ impl Task for Toxigen {
             .into_iter()
             .map(|i| {
                 let d = &docs[i];
-                multiple_choice(i, d.prompt(), vec!["No".into(), "Yes".into()], d.gold(), true)
+                multiple_choice(
+                    i,
+                    d.prompt(),
+                    vec!["No".into(), "Yes".into()],
+                    d.gold(),
+                    true,
+                )
             })
             .collect();
         Ok(Prepared {

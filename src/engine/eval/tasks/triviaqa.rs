@@ -43,7 +43,12 @@ pub fn load(path: &Path) -> Result<Vec<Doc>> {
         .enumerate()
         .filter(|(_, r)| !(r.len() == 1 && r[0].trim().is_empty()))
         .map(|(i, r)| {
-            let bad = || EvalError::data(path, format!("line {}: not `question<TAB>[aliases]`", i + 1));
+            let bad = || {
+                EvalError::data(
+                    path,
+                    format!("line {}: not `question<TAB>[aliases]`", i + 1),
+                )
+            };
             if r.len() != 2 {
                 return Err(bad());
             }

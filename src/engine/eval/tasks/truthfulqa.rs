@@ -46,7 +46,10 @@ impl<'de> Deserialize<'de> for Targets {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object mapping answers to 0 or 1")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Targets, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Targets, A::Error> {
                 let mut v = Vec::new();
                 while let Some((k, x)) = m.next_entry::<String, u8>()? {
                     v.push((k, x == 1));
@@ -97,7 +100,10 @@ impl Task for TruthfulQa {
                 TruthfulQa::Mc2 => &d.mc2_targets,
             };
             if targets.0.is_empty() {
-                return Err(EvalError::data(&path, format!("question {}: no answers", i + 1)));
+                return Err(EvalError::data(
+                    &path,
+                    format!("question {}: no answers", i + 1),
+                ));
             }
             let choices: Vec<String> = targets.0.iter().map(|(t, _)| t.clone()).collect();
             let mut inst = multiple_choice(i, context(&d.question), choices, 0, false);

@@ -48,6 +48,8 @@ pub const SUBTASKS: [&str; 27] = [
 pub const UNTIL: [&str; 3] = ["</s>", "Q", "\n\n"];
 pub const MAX_GEN_TOKS: usize = 1024;
 const ANSWER_CUE: &str = "\nA: Let's think step by step.\n";
+/// The cue as it appears in the files, where a few put the reasoning on the same line.
+const FILE_CUE: &str = "\nA: Let's think step by step.";
 
 pub struct Bbh;
 
@@ -74,7 +76,9 @@ pub fn text(input: &str) -> String {
 }
 
 /// Parses `cot-prompts/<task>.txt`: a canary line, `-----`, the description, then examples
-/// "Q: …\nA: Let's think step by step.\n…" separated by blank lines.
+/// "Q: …\nA: Let's think step by step.\n…" separated by blank lines. Where a file continues the
+/// cue's line with the reasoning (`sports_understanding`), lm-eval's prompt still breaks the
+/// line after the cue, so the separator is dropped either way.
 pub fn parse_cot_prompt(path: &Path, raw: &str) -> Result<CotPrompt> {
     let body = raw
         .split_once("-----\n")
@@ -85,8 +89,11 @@ pub fn parse_cot_prompt(path: &Path, raw: &str) -> Result<CotPrompt> {
     let description = parts.next().unwrap_or_default().trim().to_string();
     let shots = parts
         .map(|p| {
-            p.split_once(ANSWER_CUE)
-                .map(|(i, r)| (i.to_string(), r.to_string()))
+            p.split_once(FILE_CUE)
+                .map(|(i, r)| {
+                    let r = r.strip_prefix(['\n', ' ']).unwrap_or(r);
+                    (i.to_string(), r.to_string())
+                })
                 .ok_or_else(|| EvalError::data(path, "an example without its answer cue"))
         })
         .collect::<Result<Vec<_>>>()?;

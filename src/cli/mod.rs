@@ -15,6 +15,7 @@ use emend::setup;
 
 mod bench;
 mod edit;
+mod eval;
 mod serve;
 
 #[derive(Parser)]
@@ -73,6 +74,8 @@ pub enum Command {
     Edit(edit::EditArgs),
     /// Precompute the key statistics ROME and MEMIT use (cached on disk).
     Stats(edit::StatsArgs),
+    /// Run lm-evaluation-harness-compatible benchmarks (scores on stdout).
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -288,6 +291,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Openapi => print!("{}", emend::api::openapi::json()),
         Command::Edit(a) => edit::run_edit(&g, a)?,
         Command::Stats(a) => edit::run_stats(&g, a)?,
+        Command::Eval(a) => eval::run(&g, a)?,
     }
     Ok(())
 }

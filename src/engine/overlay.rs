@@ -93,6 +93,9 @@ pub fn to_safetensors(deltas: &[Delta]) -> Result<Vec<u8>> {
         .map_err(|e| ModelError::InvalidInput(format!("delta serialisation: {e}")))
 }
 
+/// `(layer, u, v, dense)` of one stored delta while it is read back.
+type Parts = (usize, Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
 /// Reads deltas written by [`to_safetensors`] onto `device` in `dtype`.
 pub fn from_safetensors(bytes: &[u8], device: &Device, dtype: DType) -> Result<Vec<Delta>> {
     let st = safetensors::SafeTensors::deserialize(bytes)
@@ -100,8 +103,7 @@ pub fn from_safetensors(bytes: &[u8], device: &Device, dtype: DType) -> Result<V
     let bad =
         |name: &str| ModelError::InvalidInput(format!("stored delta has a bad entry `{name}`"));
     // index → (layer, u, v, dense)
-    let mut parts: BTreeMap<usize, (usize, Option<Tensor>, Option<Tensor>, Option<Tensor>)> =
-        BTreeMap::new();
+    let mut parts: BTreeMap<usize, Parts> = BTreeMap::new();
     for (name, view) in st.tensors() {
         let mut it = name.split('.');
         let (Some(i), Some(layer), Some(kind), None) = (it.next(), it.next(), it.next(), it.next())

@@ -21,8 +21,11 @@ use crate::engine::overlay::{Edited, Overlay};
 pub struct EditContext {
     pub stats: StatsCache,
     pub model_sha256: String,
-    templates: Mutex<HashMap<(usize, usize), Arc<Vec<String>>>>,
+    templates: Mutex<TemplateCache>,
 }
+
+/// Context templates by `(count, tokens)`.
+type TemplateCache = HashMap<(usize, usize), Arc<Vec<String>>>;
 
 impl EditContext {
     pub fn new(env: EditingEnv, info: &ModelInfo) -> Self {

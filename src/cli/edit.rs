@@ -45,6 +45,15 @@ pub struct EditArgs {
     /// Prompts to continue greedily before and after the edits (repeatable).
     #[arg(long)]
     pub probe: Vec<String>,
+    /// Context templates (a JSON array of strings with `{}`) instead of sampling them, e.g. to
+    /// reproduce another run's edit.
+    #[arg(long)]
+    pub templates: Option<PathBuf>,
+    /// Write what the edit used and made into DIR: `edit.json` (first request, hyper-parameters,
+    /// context templates, statistics file and provenance) and `step-N.safetensors` (deltas).
+    /// `scripts/rome_reference.py` reads it.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -132,6 +141,25 @@ pub fn run_edit(g: &Global, a: EditArgs) -> Result<()> {
     let m = load(g)?;
     editing::validate(&requests, &m.tokenizer)?;
     let ctx = EditContext::new(env, &m.info);
+    let resolved = editing::hparams::resolve(method, m.model.spec(), &overrides)?;
+    let template_key = (
+        resolved["context_templates"].as_u64().unwrap_or(0) as usize,
+        resolved["context_template_tokens"].as_u64().unwrap_or(0) as usize,
+    );
+    if let Some(f) = &a.templates {
+        let t: Vec<String> = serde_json::from_str(
+            &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        )
+        .with_context(|| format!("{}: a JSON array of strings", f.display()))?;
+        if t.len() != template_key.0 + 1 || t.iter().any(|x| !x.contains("{}")) {
+            bail!(
+                "{}: {} templates with `{{}}` expected (context_templates + the bare prompt)",
+                f.display(),
+                template_key.0 + 1
+            );
+        }
+        ctx.pin_templates(template_key.0, template_key.1, t);
+    }
     let base = Overlay::base();
     let before: Vec<String> = a
         .probe
@@ -149,6 +177,9 @@ pub fn run_edit(g: &Global, a: EditArgs) -> Result<()> {
         &ctx,
     )?;
     let total = start.elapsed().as_secs_f64();
+    if let Some(dir) = &a.dump {
+        dump(dir, &m, &ctx, method, &requests[0], &steps, template_key)?;
+    }
     let mut overlay = base;
     for s in &steps {
         overlay = Overlay::push(&overlay, s.deltas.clone());
@@ -212,6 +243,73 @@ pub fn run_edit(g: &Global, a: EditArgs) -> Result<()> {
         println!("{p:?}: {b:?} → {x:?}");
     }
     println!("total {total:.2} s");
+    Ok(())
+}
+
+fn dump(
+    dir: &std::path::Path,
+    m: &emend::engine::model::LoadedModel,
+    ctx: &EditContext,
+    method: Method,
+    first: &EditRequest,
+    steps: &[editing::EditStep],
+    (n, tokens): (usize, usize),
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let h = &steps[0].hparams;
+    let templates = if n > 0 {
+        ctx.templates(m.model.as_ref(), &m.tokenizer, n, tokens)?
+            .as_ref()
+            .clone()
+    } else {
+        Vec::new()
+    };
+    let layers: Vec<usize> = match (h["layer"].as_u64(), h["layers"].as_array()) {
+        (Some(l), _) => vec![l as usize],
+        (None, Some(ls)) => ls
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as usize)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let samples = h["mom2_samples"].as_u64().map(|x| x as usize);
+    let (stats_files, stats): (Vec<String>, Vec<serde_json::Value>) = match samples {
+        Some(s) => {
+            let st = ctx
+                .stats
+                .get(m.model.as_ref(), &m.tokenizer, &m.info.sha256, &layers, s)?;
+            layers
+                .iter()
+                .zip(st)
+                .map(|(&l, st)| {
+                    let f = ctx.stats.file(&m.info.sha256, l, s);
+                    (f.display().to_string(), json!(st.provenance))
+                })
+                .unzip()
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    let info = json!({
+        "method": method.name(),
+        "request": {
+            "prompt": first.template(),
+            "subject": first.subject,
+            "target_new": first.target_new,
+        },
+        "hparams": h,
+        "templates": templates,
+        "stats_file": stats_files.first(),
+        "stats_files": stats_files,
+        "stats": stats.first(),
+        "diagnostics": steps[0].diagnostics,
+        "duration_ms": steps.iter().map(|s| s.duration_ms).collect::<Vec<_>>(),
+    });
+    std::fs::write(dir.join("edit.json"), serde_json::to_string_pretty(&info)?)?;
+    for (i, s) in steps.iter().enumerate() {
+        let bytes = emend::engine::overlay::to_safetensors(&s.deltas)?;
+        std::fs::write(dir.join(format!("step-{i}.safetensors")), bytes)?;
+    }
     Ok(())
 }
 

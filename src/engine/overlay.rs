@@ -298,18 +298,6 @@ impl<'a> Edited<'a> {
     pub fn new(base: &'a dyn CausalLm, overlay: Arc<PreparedOverlay>) -> Self {
         Self { base, overlay }
     }
-
-    /// The effective `(d_out, d_in)` down-projection weight of `layer` in this view.
-    pub fn mlp_out_weight_effective(&self, layer: usize) -> Result<Tensor> {
-        let w = self.base.mlp_out_weight(layer);
-        Ok(match self.overlay.layer(layer) {
-            None => w.clone(),
-            Some(LayerPatch::Dense { weight }) => weight.clone(),
-            Some(LayerPatch::LowRank { v_t, u }) => (w.to_dtype(DType::F32)?
-                + u.to_dtype(DType::F32)?.matmul(&v_t.to_dtype(DType::F32)?)?)?
-            .to_dtype(w.dtype())?,
-        })
-    }
 }
 
 impl CausalLm for Edited<'_> {
@@ -328,8 +316,7 @@ impl CausalLm for Edited<'_> {
     fn head(&self, h: &Tensor, differentiable: bool) -> Result<Tensor> {
         self.base.head(h, differentiable)
     }
-    /// The base weight; editing code reads the edited one with
-    /// [`Edited::mlp_out_weight_effective`].
+    /// The base weight (editing methods read edited values through forward passes).
     fn mlp_out_weight(&self, layer: usize) -> &Tensor {
         self.base.mlp_out_weight(layer)
     }

@@ -36,7 +36,17 @@ impl EditContext {
         }
     }
 
-    fn templates(
+    /// Uses `templates` wherever `n` templates of `tokens` tokens are asked for, instead of
+    /// sampling them: for comparing engines on identical inputs, or reproducing an edit.
+    pub fn pin_templates(&self, n: usize, tokens: usize, templates: Vec<String>) {
+        self.templates
+            .lock()
+            .expect("templates lock")
+            .insert((n, tokens), Arc::new(templates));
+    }
+
+    /// The context templates ROME and MEMIT average keys over (sampled once per process).
+    pub fn templates(
         &self,
         base: &dyn CausalLm,
         tok: &Tok,
@@ -89,10 +99,11 @@ pub fn apply(
         requests.iter().map(|r| vec![r]).collect()
     };
     let mut current = base.clone();
+    // Each step's edited model is the next step's starting point: prepared once.
+    let mut view = Edited::new(lm, Arc::new(current.prepare(lm)?));
     let mut steps = Vec::with_capacity(groups.len());
     for group in groups {
         let start = Instant::now();
-        let view = Edited::new(lm, Arc::new(current.prepare(lm)?));
         let pre = measure(&view, tok, &group, None, opts.fluency)?;
         let (deltas, diagnostics) = match method {
             Method::Rome => {
@@ -144,6 +155,7 @@ pub fn apply(
             duration_ms,
         });
         current = next;
+        view = after;
     }
     Ok(steps)
 }

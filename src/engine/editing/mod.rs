@@ -4,7 +4,6 @@
 //! Methods: ROME (rank-one at one layer), MEMIT (a batch spread over several layers), FT-L and
 //! FT-M (norm-bounded fine-tuning of one layer's down projection, stored as a dense delta).
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -68,11 +67,6 @@ impl Method {
     /// True when a batch is one update (MEMIT); false when requests are applied one by one.
     pub fn batched(self) -> bool {
         matches!(self, Self::Memit)
-    }
-
-    /// Needs the key covariance statistics of the edited layers.
-    pub fn needs_stats(self) -> bool {
-        matches!(self, Self::Rome | Self::Memit)
     }
 }
 
@@ -371,6 +365,3 @@ pub struct EditStep {
     pub diagnostics: serde_json::Value,
     pub duration_ms: u64,
 }
-
-/// Shared, immutable statistics handle (covariances per layer), cached across edits.
-pub type SharedStats = Arc<stats::StatsCache>;

@@ -91,6 +91,8 @@ pub struct StatsCache {
     dir: PathBuf,
     data_dir: Option<PathBuf>,
     memory: Mutex<HashMap<Key, Arc<LayerStats>>>,
+    /// The corpus, read and hashed once (every edit asks for its hash).
+    corpus: std::sync::OnceLock<Option<Arc<Corpus>>>,
 }
 
 /// The text the statistics are computed over.
@@ -106,6 +108,7 @@ impl StatsCache {
             dir,
             data_dir,
             memory: Mutex::new(HashMap::new()),
+            corpus: std::sync::OnceLock::new(),
         }
     }
 
@@ -113,8 +116,14 @@ impl StatsCache {
         &self.dir
     }
 
+    fn corpus(&self) -> Option<Arc<Corpus>> {
+        self.corpus
+            .get_or_init(|| self.read_corpus().map(Arc::new))
+            .clone()
+    }
+
     /// `wikitext/AA/wiki_*` under the data dir, articles without their `<doc>` lines.
-    fn corpus(&self) -> Option<Corpus> {
+    fn read_corpus(&self) -> Option<Corpus> {
         let dir = self.data_dir.as_ref()?.join("wikitext").join("AA");
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .ok()?
@@ -205,6 +214,15 @@ impl StatsCache {
         })
     }
 
+    /// The cache file of one layer's statistic (whether or not it exists yet).
+    pub fn file(&self, model_sha256: &str, layer: usize, samples: usize) -> PathBuf {
+        let corpus_sha = match self.corpus() {
+            Some(c) => c.sha256.clone(),
+            None => "generated".into(),
+        };
+        self.path(&(model_sha256.to_string(), layer, samples, corpus_sha))
+    }
+
     fn path(&self, key: &Key) -> PathBuf {
         let (sha, layer, samples, corpus) = key;
         self.dir.join(format!(
@@ -247,7 +265,7 @@ impl StatsCache {
         if !missing.is_empty() {
             let corpus = match corpus {
                 Some(c) => c,
-                None => Self::generated(model, tok, samples)?,
+                None => Arc::new(Self::generated(model, tok, samples)?),
             };
             let computed = compute(model, tok, &corpus, &missing, samples, model_sha256)?;
             std::fs::create_dir_all(&self.dir)
@@ -318,9 +336,20 @@ fn compute(
         .collect::<Result<_, _>>()?;
     let mut sums: Vec<Vec<f64>> = vec![vec![0.0; ff * ff]; layers.len()];
     let mut tokens = 0usize;
-    for (bi, chunk) in seqs.chunks(BATCH).enumerate() {
+    // Batches of equal-length sequences (every sequence is used; the sort makes runs long).
+    let mut batches: Vec<&[Vec<u32>]> = Vec::new();
+    let mut i = 0;
+    while i < seqs.len() {
+        let width = seqs[i].len();
+        let mut j = i + 1;
+        while j < seqs.len() && j - i < BATCH && seqs[j].len() == width {
+            j += 1;
+        }
+        batches.push(&seqs[i..j]);
+        i = j;
+    }
+    for (bi, chunk) in batches.into_iter().enumerate() {
         let width = chunk[0].len();
-        let chunk: Vec<&Vec<u32>> = chunk.iter().filter(|s| s.len() == width).collect();
         let b = chunk.len();
         let ids: Vec<u32> = chunk.iter().flat_map(|s| s.iter().copied()).collect();
         let input = Tensor::from_vec(ids, (b, width), &dev)?;

@@ -49,7 +49,13 @@ fn rome_delta_matches_an_independent_pytorch_rome() {
     let samples = hp["mom2_samples"].as_u64().unwrap() as usize;
     let st = ctx
         .stats
-        .get(m.model.as_ref(), &m.tokenizer, &m.info.sha256, &[layer], samples)
+        .get(
+            m.model.as_ref(),
+            &m.tokenizer,
+            &m.info.sha256,
+            &[layer],
+            samples,
+        )
         .unwrap();
     assert_eq!(
         st[0].provenance.corpus_sha256,
@@ -73,10 +79,7 @@ fn rome_delta_matches_an_independent_pytorch_rome() {
     };
     assert_eq!(*l, layer);
     let (u, v) = (flat(u), flat(v));
-    let (ru, rv) = (
-        floats(&fx["reference"]["u"]),
-        floats(&fx["reference"]["v"]),
-    );
+    let (ru, rv) = (floats(&fx["reference"]["u"]), floats(&fx["reference"]["v"]));
     // cos(u₁v₁ᵀ, u₂v₂ᵀ) = cos(u₁, u₂)·cos(v₁, v₂).
     let cos = cosine(&u, &ru) * cosine(&v, &rv);
     let ratio = norm(&u) * norm(&v) / (norm(&ru) * norm(&rv));

@@ -170,7 +170,7 @@ pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
     };
     let table = render(&ours, peer.as_ref(), &a, &path);
     if let Some(md) = &a.write_md {
-        write_section(md, &table)?;
+        write_marked(md, "runtime-bench", &table)?;
         eprintln!("wrote {}", md.display());
     }
     if g.json {
@@ -246,14 +246,17 @@ fn render(
     s
 }
 
-const START: &str = "<!-- runtime-bench:start -->";
-const END: &str = "<!-- runtime-bench:end -->";
-
-fn write_section(md: &std::path::Path, table: &str) -> Result<()> {
+/// Replaces the block between `<!-- {name}:start -->` and `<!-- {name}:end -->` in `md`
+/// (appending it when the markers are missing).
+pub fn write_marked(md: &std::path::Path, name: &str, table: &str) -> Result<()> {
+    let (start, end) = (
+        format!("<!-- {name}:start -->"),
+        format!("<!-- {name}:end -->"),
+    );
     let old = std::fs::read_to_string(md).unwrap_or_default();
-    let block = format!("{START}\n{table}{END}");
-    let new = match (old.find(START), old.find(END)) {
-        (Some(s), Some(e)) if e > s => format!("{}{}{}", &old[..s], block, &old[e + END.len()..]),
+    let block = format!("{start}\n{table}{end}");
+    let new = match (old.find(&start), old.find(&end)) {
+        (Some(s), Some(e)) if e > s => format!("{}{}{}", &old[..s], block, &old[e + end.len()..]),
         _ => format!("{old}\n{block}\n"),
     };
     std::fs::write(md, new)?;

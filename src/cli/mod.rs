@@ -14,6 +14,7 @@ use emend::engine::model::{DeviceKind, LoadOptions, LoadedModel, ModelSource};
 use emend::setup;
 
 mod bench;
+mod bench_edit;
 mod edit;
 mod eval;
 mod serve;
@@ -66,6 +67,8 @@ pub enum Command {
     FetchModel,
     /// Measure load time, prefill and decode throughput, and peak memory.
     Bench(bench::BenchArgs),
+    /// Measure editing: statistics, ROME, MEMIT, FT-M, sequential edits, overlays at depth.
+    BenchEdit(bench_edit::BenchEditArgs),
     /// Run the HTTP server (sessions, generation, scoring, OpenAI-compatible routes).
     Serve(serve::ServeArgs),
     /// Print the OpenAPI document (`emend openapi > openapi/openapi.json`).
@@ -287,6 +290,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench(a) => bench::run(&g, a)?,
+        Command::BenchEdit(a) => bench_edit::run(&g, a)?,
         Command::Serve(a) => serve::run(&g, a)?,
         Command::Openapi => print!("{}", emend::api::openapi::json()),
         Command::Edit(a) => edit::run_edit(&g, a)?,

@@ -105,6 +105,8 @@ pub fn apply(
     for group in groups {
         let start = Instant::now();
         let pre = measure(&view, tok, &group, None, opts.fluency)?;
+        let measure_pre_ms = start.elapsed().as_secs_f64() * 1e3;
+        let compute_start = Instant::now();
         let (deltas, diagnostics) = match method {
             Method::Rome => {
                 let h: RomeHparams = hparams::parse(&resolved)?;
@@ -134,6 +136,8 @@ pub fn apply(
                 ft::edit(&view, tok, &group, &h, method == Method::FtM)?
             }
         };
+        let compute_ms = compute_start.elapsed().as_secs_f64() * 1e3;
+        let post_start = Instant::now();
         let next = Overlay::push(&current, deltas.clone());
         let after = Edited::new(lm, Arc::new(next.prepare(lm)?));
         let post = measure(&after, tok, &group, Some(&pre), opts.fluency)?;
@@ -145,13 +149,21 @@ pub fn apply(
                 post: b.metrics,
             })
             .collect();
+        let measure_post_ms = post_start.elapsed().as_secs_f64() * 1e3;
         let duration_ms = start.elapsed().as_millis() as u64;
+        let mut diagnostics = json!(diagnostics);
+        if let Some(d) = diagnostics.as_object_mut() {
+            d.insert(
+                "phases_ms".into(),
+                json!({"measure_pre": measure_pre_ms, "compute": compute_ms, "measure_post": measure_post_ms}),
+            );
+        }
         tracing::info!(%method, duration_ms, "edit step computed");
         steps.push(EditStep {
             deltas,
             reports,
             hparams: resolved.clone(),
-            diagnostics: json!(diagnostics),
+            diagnostics,
             duration_ms,
         });
         current = next;

@@ -369,6 +369,7 @@ pub(super) fn edit(
     inv_cov: Option<&Tensor>,
 ) -> Result<(Vec<Delta>, Value), EditError> {
     let layer = h.layer;
+    let t0 = std::time::Instant::now();
     let k_star = mean_key(model, tok, req, templates, layer)?;
     let plain = locate(tok, "{}", req)?;
     let cur_k = read_at(
@@ -379,6 +380,8 @@ pub(super) fn edit(
         Site::new(layer, SiteKind::MlpIn),
     )?
     .squeeze(0)?;
+    let key_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = std::time::Instant::now();
     let (v_star, cur_v, diag) = compute_v(
         model,
         tok,
@@ -393,6 +396,7 @@ pub(super) fn edit(
             kl_factor: h.kl_factor,
         },
     )?;
+    let v_ms = t1.elapsed().as_secs_f64() * 1e3;
     let left = match inv_cov {
         Some(inv) => inv.matmul(&k_star.unsqueeze(1)?)?.squeeze(1)?,
         None => k_star.clone(),
@@ -412,6 +416,7 @@ pub(super) fn edit(
         "right_norm": right.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?,
         "key_dot": denom,
         "templates": templates.len(),
+        "timing_ms": {"keys": key_ms, "v_star": v_ms},
     });
     Ok((
         vec![Delta::LowRank {

@@ -256,6 +256,13 @@ impl StatsCache {
                 }
                 match read(&self.path(&key(l))) {
                     Some(s) => {
+                        if s.inverse.lock().expect("stats lock").is_none() {
+                            // A file from before inverses were cached: add it once.
+                            s.inverse()?;
+                            if let Err(e) = write(&self.path(&key(l)), &s) {
+                                tracing::warn!(error = %e, "could not cache statistics on disk");
+                            }
+                        }
                         mem.insert(key(l), Arc::new(s));
                     }
                     None => missing.push(l),
@@ -272,6 +279,8 @@ impl StatsCache {
                 .map_err(|e| EditError::Stats(format!("{}: {e}", self.dir.display())))?;
             let mut mem = self.memory.lock().expect("stats lock");
             for s in computed {
+                // C⁻¹ costs seconds per layer (f64 Cholesky): cache it with C.
+                s.inverse()?;
                 let k = (
                     model_sha256.to_string(),
                     s.provenance.layer,
@@ -423,7 +432,17 @@ fn write(path: &Path, s: &LayerStats) -> Result<(), String> {
         serde_json::to_string(&s.provenance).map_err(|e| e.to_string())?,
     )]
     .into();
-    let out = safetensors::serialize([("mom2", view)], Some(meta)).map_err(|e| e.to_string())?;
+    let inv = s.inverse.lock().expect("stats lock").clone();
+    let inv_bytes: Option<Vec<u8>> = inv.map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect());
+    let mut views = vec![("mom2", view)];
+    if let Some(b) = &inv_bytes {
+        views.push((
+            "mom2_inv",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![s.dim, s.dim], b)
+                .map_err(|e| e.to_string())?,
+        ));
+    }
+    let out = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
     // Write then rename: a reader never sees half a file.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, out).map_err(|e| e.to_string())?;
@@ -438,15 +457,22 @@ fn read(path: &Path) -> Option<LayerStats> {
     let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
     let t = st.tensor("mom2").ok()?;
     let dim = *t.shape().first()?;
-    let mom2: Vec<f64> = t
-        .data()
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect();
+    let f64s = |data: &[u8]| -> Vec<f64> {
+        data.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    };
+    let mom2 = f64s(t.data());
+    let inverse = st
+        .tensor("mom2_inv")
+        .ok()
+        .map(|t| f64s(t.data()))
+        .filter(|v| v.len() == dim * dim)
+        .map(Arc::new);
     (mom2.len() == dim * dim).then(|| LayerStats {
         mom2,
         dim,
         provenance,
-        inverse: Mutex::new(None),
+        inverse: Mutex::new(inverse),
     })
 }

@@ -182,6 +182,73 @@ impl CustomOp2 for BlasMatmul {
     }
 }
 
+/// `g (m, n) · w (n, k)`: the input gradient of `x · wᵀ`, with OpenBLAS's sgemm.
+#[cfg(feature = "openblas")]
+struct BlasMatmulNn;
+
+#[cfg(feature = "openblas")]
+impl CustomOp2 for BlasMatmulNn {
+    fn name(&self) -> &'static str {
+        "blas-matmul-nn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(g), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("blas-matmul-nn: f32 only");
+        };
+        let (Some((gs, ge)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("blas-matmul-nn: contiguous inputs only");
+        };
+        let (m, n) = l1.shape().dims2()?;
+        let (n2, k) = l2.shape().dims2()?;
+        if n != n2 || ge - gs != m * n || we - ws != n * k {
+            candle_core::bail!("blas-matmul-nn: shapes ({m}, {n}) x ({n2}, {k})");
+        }
+        let mut out = vec![0f32; m * k];
+        // SAFETY: the slices hold exactly m*n, n*k and m*k floats, matching the dims passed.
+        unsafe {
+            cblas::cblas_sgemm(
+                cblas::ROW_MAJOR,
+                cblas::NO_TRANS,
+                cblas::NO_TRANS,
+                m as i32,
+                k as i32,
+                n as i32,
+                1.0,
+                g[gs..ge].as_ptr(),
+                n as i32,
+                w[ws..we].as_ptr(),
+                k as i32,
+                0.0,
+                out.as_mut_ptr(),
+                k as i32,
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, k))))
+    }
+}
+
+/// `g (m, n) · w (n, k)` on CPU in f32 (OpenBLAS when built with it).
+fn cpu_matmul_nn(g: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "openblas")]
+    {
+        let cpu_f32 = g.device().is_cpu() && g.dtype() == candle_core::DType::F32;
+        if cpu_f32 && w.dtype() == candle_core::DType::F32 && g.rank() == 2 {
+            return g
+                .contiguous()?
+                .apply_op2_no_bwd(&w.contiguous()?, &BlasMatmulNn);
+        }
+    }
+    g.matmul(w)
+}
+
 /// `x (m, k) · w (n, k)ᵀ` on CPU in f32: the streaming kernel for a few rows, OpenBLAS (when
 /// built with it) for more, candle's matmul otherwise.
 pub(crate) fn cpu_matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
@@ -231,7 +298,7 @@ impl candle_core::CustomOp1 for GradThroughConstWeight {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w)?))
+        Ok(Some(cpu_matmul_nn(grad_res, &self.w)?))
     }
 }
 

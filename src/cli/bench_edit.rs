@@ -1,0 +1,376 @@
+//! `emend bench-edit`: what editing costs on the loaded model. Key statistics, ROME (on the
+//! cross-check's request beside the PyTorch reference's time, and on CounterFact records), a
+//! MEMIT batch, FT-M, a chain of real sequential ROME edits, and the overlay mechanics at
+//! 100 and 1,000 stacked edits (memory, preparation, forward latency). Writes a section of
+//! BENCHMARKS.md.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use clap::Args;
+use serde_json::{json, Value};
+
+use emend::engine::editing::datasets::{self, EditDataset};
+use emend::engine::editing::{
+    self, EditContext, EditRequest, EditStep, EditingEnv, MeasureOptions, Method,
+};
+use emend::engine::model::{CausalLm, Forward, LoadedModel};
+use emend::engine::overlay::{Edited, Overlay};
+
+use super::bench::peak_rss_mb;
+use super::{load, Global};
+
+#[derive(Args)]
+pub struct BenchEditArgs {
+    /// Runs per single-edit measurement (distinct CounterFact records; the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// CounterFact records in the MEMIT batch.
+    #[arg(long, default_value_t = 10)]
+    pub memit_batch: usize,
+    /// Corpus sequences for the key statistics (computed fresh, into a temporary directory).
+    #[arg(long, default_value_t = 400)]
+    pub stats_samples: usize,
+    /// Real sequential ROME edits in one chain.
+    #[arg(long, default_value_t = 10)]
+    pub sequential: usize,
+    /// Depths at which the chain's real deltas, repeated, are stacked for the overlay numbers.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    pub stack: Vec<usize>,
+    /// `scripts/rome_reference.py`'s report (its ROME on the same request, templates and C).
+    #[arg(long)]
+    pub peer: Option<PathBuf>,
+    /// The cross-check fixture whose request and templates the peer used.
+    #[arg(long, default_value = "tests/fixtures/rome_reference.json")]
+    pub fixture: PathBuf,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Write the tables into this markdown file (between the edit-bench markers).
+    #[arg(long)]
+    pub write_md: Option<PathBuf>,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+fn compute_ms(s: &EditStep) -> f64 {
+    s.diagnostics["phases_ms"]["compute"]
+        .as_f64()
+        .unwrap_or(s.duration_ms as f64)
+}
+
+struct Bench<'a> {
+    m: &'a LoadedModel,
+    ctx: &'a EditContext,
+    samples: usize,
+}
+
+impl Bench<'_> {
+    fn apply(
+        &self,
+        base: &Arc<Overlay>,
+        method: Method,
+        reqs: &[EditRequest],
+    ) -> Result<Vec<EditStep>> {
+        Ok(editing::apply(
+            self.m,
+            base,
+            method,
+            reqs,
+            &json!({"mom2_samples": self.samples}),
+            MeasureOptions::default(),
+            self.ctx,
+        )?)
+    }
+}
+
+/// Median seconds of a 32-token forward (logits at every position) on `model`.
+fn forward_seconds(model: &dyn CausalLm, runs: usize) -> Result<f64> {
+    let ids: Vec<u32> = (0..32).map(|i| 1000 + i * 37).collect();
+    let input = Tensor::from_vec(ids, (1, 32), model.device())?;
+    let mut times = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        let mut fwd = Forward::new(1, 32, model.device());
+        let h = model.hidden(&input, &mut fwd)?;
+        model.head(&h, false)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
+    if a.runs == 0 || a.sequential == 0 || a.memit_batch == 0 {
+        bail!("--runs, --sequential and --memit-batch must be at least 1");
+    }
+    let data_dir = a
+        .data_dir
+        .clone()
+        .or_else(emend::setup::default_datasets_dir)
+        .context("no dataset directory: pass --data-dir or set EMEND_DATA_DIR")?;
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(&a.fixture)
+            .with_context(|| format!("reading {}", a.fixture.display()))?,
+    )?;
+    let peer: Option<Value> = match &a.peer {
+        Some(p) => Some(serde_json::from_str(&std::fs::read_to_string(p)?)?),
+        None => None,
+    };
+    let records = datasets::load(EditDataset::Counterfact, &data_dir)?;
+    let need = a.runs.max(a.memit_batch).max(a.sequential);
+    if records.len() < need {
+        bail!("CounterFact has {} records, {need} needed", records.len());
+    }
+    let cf: Vec<EditRequest> = records.into_iter().take(need).map(|r| r.request).collect();
+
+    let m = load(g)?;
+    let stats_dir = std::env::temp_dir().join(format!("emend-bench-stats-{}", std::process::id()));
+    let ctx = EditContext::new(
+        EditingEnv {
+            stats_dir: stats_dir.clone(),
+            data_dir: Some(data_dir),
+        },
+        &m.info,
+    );
+    let b = Bench {
+        m: &m,
+        ctx: &ctx,
+        samples: a.samples_or(),
+    };
+    let lm = m.model.as_ref();
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+
+    // Key statistics: ROME's and MEMIT's layers in one pass, then C⁻¹.
+    let memit_layers: Vec<usize> = editing::hparams::defaults(Method::Memit, lm.spec())["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_u64().map(|x| x as usize))
+        .collect();
+    let mut layers = memit_layers.clone();
+    if let Some(l) = editing::hparams::defaults(Method::Rome, lm.spec())["layer"].as_u64() {
+        layers.push(l as usize);
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    let t = Instant::now();
+    let st = ctx
+        .stats
+        .get(lm, &m.tokenizer, &m.info.sha256, &layers, b.samples)?;
+    let stats_s = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&stats_dir);
+    rows.push((
+        format!(
+            "key statistics, layers {layers:?}, {} sequences ({} tokens), incl. C⁻¹",
+            st[0].provenance.sequences, st[0].provenance.tokens
+        ),
+        format!("{stats_s:.1} s"),
+        "—".into(),
+    ));
+
+    // ROME on the cross-check's request with its templates: the peer's exact input.
+    let req: EditRequest = serde_json::from_value(fixture["request"].clone())?;
+    let h = &fixture["hparams"];
+    let templates: Vec<String> = serde_json::from_value(fixture["templates"].clone())?;
+    let (n, tok_n) = (
+        h["context_templates"].as_u64().unwrap_or(5) as usize,
+        h["context_template_tokens"].as_u64().unwrap_or(10) as usize,
+    );
+    ctx.pin_templates(n, tok_n, templates);
+    let base = Overlay::base();
+    let mut same = Vec::new();
+    let mut same_total = Vec::new();
+    for _ in 0..a.runs {
+        let s = b.apply(&base, Method::Rome, std::slice::from_ref(&req))?;
+        same.push(compute_ms(&s[0]) / 1e3);
+        same_total.push(s[0].duration_ms as f64 / 1e3);
+    }
+    let peer_s = peer
+        .as_ref()
+        .and_then(|p| p["reference_median_seconds"].as_f64());
+    rows.push((
+        format!(
+            "ROME edit, cross-check request (\"{}\" → {}), k* + v* + Δ",
+            req.subject, req.target_new
+        ),
+        format!("{:.2} s", median(same)),
+        peer_s.map_or("—".into(), |p| format!("{p:.2} s")),
+    ));
+    rows.push((
+        "same, with pre- and post-edit metrics".into(),
+        format!("{:.2} s", median(same_total)),
+        "—".into(),
+    ));
+
+    // ROME on CounterFact records (sampled templates, as served).
+    let mut cf_ms = Vec::new();
+    let mut rel = Vec::new();
+    for r in &cf[..a.runs] {
+        let s = b.apply(&base, Method::Rome, std::slice::from_ref(r))?;
+        cf_ms.push(s[0].duration_ms as f64 / 1e3);
+        rel.push(s[0].reports[0].post.reliability);
+    }
+    rows.push((
+        format!(
+            "ROME edit, CounterFact records 0..{} (incl. metrics; mean reliability {:.2})",
+            a.runs,
+            rel.iter().sum::<f64>() / rel.len() as f64
+        ),
+        format!("{:.2} s", median(cf_ms)),
+        "—".into(),
+    ));
+
+    // MEMIT: one batch.
+    let s = b.apply(&base, Method::Memit, &cf[..a.memit_batch])?;
+    let memit_s = s[0].duration_ms as f64 / 1e3;
+    let memit_rel: f64 =
+        s[0].reports.iter().map(|r| r.post.reliability).sum::<f64>() / s[0].reports.len() as f64;
+    rows.push((
+        format!(
+            "MEMIT batch of {} CounterFact records (incl. metrics; mean reliability {memit_rel:.2})",
+            a.memit_batch
+        ),
+        format!(
+            "{memit_s:.2} s ({:.2} s per edit)",
+            memit_s / a.memit_batch as f64
+        ),
+        "—".into(),
+    ));
+
+    // FT-M.
+    let mut ft = Vec::new();
+    for r in &cf[..a.runs] {
+        let s = b.apply(&base, Method::FtM, std::slice::from_ref(r))?;
+        ft.push(s[0].duration_ms as f64 / 1e3);
+    }
+    rows.push((
+        "FT-M edit, CounterFact records (incl. metrics)".into(),
+        format!("{:.2} s", median(ft)),
+        "—".into(),
+    ));
+
+    // Real sequential ROME edits in one chain.
+    let seq = b.apply(&base, Method::Rome, &cf[..a.sequential])?;
+    let first = seq[0].duration_ms as f64 / 1e3;
+    let last = seq[seq.len() - 1].duration_ms as f64 / 1e3;
+    let seq_med = median(seq.iter().map(|s| s.duration_ms as f64 / 1e3).collect());
+    rows.push((
+        format!(
+            "{} sequential ROME edits in one session: first / median / last",
+            a.sequential
+        ),
+        format!("{first:.2} / {seq_med:.2} / {last:.2} s"),
+        "—".into(),
+    ));
+
+    // Overlay mechanics at depth: the chain's real deltas repeated.
+    let deltas: Vec<_> = seq.iter().map(|s| s.deltas.clone()).collect();
+    let base_fwd = forward_seconds(lm, 5)?;
+    let mut depth_rows = Vec::new();
+    depth_rows.push(json!({"depth": 0, "forward_s": base_fwd, "prepare_s": 0.0, "overlay_mb": 0.0, "prepared_mb": 0.0}));
+    for &depth in &a.stack {
+        let mut o = Overlay::base();
+        for i in 0..depth {
+            o = Overlay::push(&o, deltas[i % deltas.len()].clone());
+        }
+        let t = Instant::now();
+        let prepared = Arc::new(o.prepare(lm)?);
+        let prepare_s = t.elapsed().as_secs_f64();
+        let view = Edited::new(lm, prepared.clone());
+        depth_rows.push(json!({
+            "depth": depth,
+            "forward_s": forward_seconds(&view, 5)?,
+            "prepare_s": prepare_s,
+            "overlay_mb": o.bytes() as f64 / 1e6,
+            "prepared_mb": prepared.bytes() as f64 / 1e6,
+        }));
+    }
+    let rss = peak_rss_mb();
+
+    let md = render(&m, &a, &rows, &depth_rows, rss, peer.as_ref());
+    print!("{md}");
+    if let Some(path) = &a.write_md {
+        super::bench::write_marked(path, "edit-bench", &md)?;
+    }
+    Ok(())
+}
+
+impl BenchEditArgs {
+    fn samples_or(&self) -> usize {
+        self.stats_samples.max(1)
+    }
+}
+
+fn render(
+    m: &LoadedModel,
+    a: &BenchEditArgs,
+    rows: &[(String, String, String)],
+    depth: &[Value],
+    rss: f64,
+    peer: Option<&Value>,
+) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let peer_name = peer.map_or("—".to_string(), |p| {
+        format!(
+            "PyTorch ROME (scripts/rome_reference.py; torch {}, transformers {})",
+            p["torch"].as_str().unwrap_or("?"),
+            p["transformers"].as_str().unwrap_or("?")
+        )
+    });
+    let mut s = format!(
+        "Machine: {cpu}, {} threads, load average at the end {}. Model: `{}` ({:?}, {}). \
+         Statistics over `wikitext/AA`, {} sequences; {} runs per single-edit row (median).\n\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        m.info
+            .path
+            .file_name()
+            .map_or(String::new(), |f| f.to_string_lossy().into_owned()),
+        m.model.dtype(),
+        if m.model.device().is_cpu() {
+            "CPU"
+        } else {
+            "GPU"
+        },
+        a.stats_samples,
+        a.runs,
+    );
+    s.push_str(&format!(
+        "| measurement | emend | {peer_name} |\n|---|---:|---:|\n"
+    ));
+    for (what, ours, theirs) in rows {
+        s.push_str(&format!("| {what} | {ours} | {theirs} |\n"));
+    }
+    s.push_str(&format!(
+        "\nOverlay at depth (the {}-edit chain's real ROME deltas repeated; a 32-token forward, median of 5). Peak RSS of the whole run: {rss:.0} MB.\n\n",
+        a.sequential
+    ));
+    s.push_str("| stacked edits | forward (s) | prepare (s) | deltas (MB) | prepared overlay (MB) |\n|---:|---:|---:|---:|---:|\n");
+    for r in depth {
+        s.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.2} | {:.2} |\n",
+            r["depth"],
+            r["forward_s"].as_f64().unwrap_or(0.0),
+            r["prepare_s"].as_f64().unwrap_or(0.0),
+            r["overlay_mb"].as_f64().unwrap_or(0.0),
+            r["prepared_mb"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    s
+}

@@ -76,12 +76,18 @@ impl Bench<'_> {
         method: Method,
         reqs: &[EditRequest],
     ) -> Result<Vec<EditStep>> {
+        let _span = tracing::info_span!("bench_edit", %method, requests = reqs.len()).entered();
+        // Only ROME and MEMIT read statistics (and accept the override).
+        let h = match method {
+            Method::Rome | Method::Memit => json!({"mom2_samples": self.samples}),
+            _ => Value::Null,
+        };
         Ok(editing::apply(
             self.m,
             base,
             method,
             reqs,
-            &json!({"mom2_samples": self.samples}),
+            &h,
             MeasureOptions::default(),
             self.ctx,
         )?)

@@ -18,6 +18,7 @@ use crate::sessions::Sessions;
 
 mod edits;
 pub mod error;
+mod evaluations;
 mod inference;
 pub mod openai;
 pub mod openapi;
@@ -53,7 +54,8 @@ impl Limits {
 /// Shared by every handler.
 pub struct AppState {
     pub engine: Engine,
-    pub sessions: Sessions,
+    pub sessions: Arc<Sessions>,
+    pub jobs: Arc<crate::jobs::Jobs>,
     pub metrics: Arc<Metrics>,
     pub keys: ApiKeys,
     pub limits: Limits,
@@ -214,6 +216,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     system::routes(cfg);
     sessions::routes(cfg);
     edits::routes(cfg);
+    evaluations::routes(cfg);
     inference::routes(cfg);
     openai::routes(cfg);
     cfg.service(utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url(

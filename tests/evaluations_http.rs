@@ -471,8 +471,21 @@ async fn invalid_evaluations_answer_422_naming_the_field_and_create_nothing() {
 
 #[tokio::test]
 async fn a_job_killed_mid_run_resumes_after_restart_without_redoing_tasks() {
+    resumes_after_kill9(None).await;
+}
+
+/// Runs when `EMEND_TEST_DATABASE_URL` names a PostgreSQL database (CI starts one).
+#[tokio::test]
+async fn a_job_killed_mid_run_resumes_after_restart_on_postgres() {
+    match std::env::var("EMEND_TEST_DATABASE_URL") {
+        Ok(url) if url.starts_with("postgres") => resumes_after_kill9(Some(&url)).await,
+        _ => eprintln!("EMEND_TEST_DATABASE_URL not set: PostgreSQL restart test not run"),
+    }
+}
+
+async fn resumes_after_kill9(db: Option<&str>) {
     let dir = temp_dir("evals-restart");
-    let first = ChildServer::start(&dir, None);
+    let first = ChildServer::start(&dir, db);
     let url = first.url.clone();
     // The child runs without keys: the tenant is `default`, the header is ignored.
     let sid = new_session(&url, ALICE).await;
@@ -492,7 +505,7 @@ async fn a_job_killed_mid_run_resumes_after_restart_without_redoing_tasks() {
     first.kill9();
     let done_before: Vec<Value> = before["finished_tasks"].as_array().unwrap().clone();
 
-    let second = ChildServer::start(&dir, None);
+    let second = ChildServer::start(&dir, db);
     let url = second.url.clone();
     let after = finish(&url, ALICE, &id).await;
     assert_eq!(after["status"], "succeeded", "{after}");

@@ -529,3 +529,130 @@ async fn resumes_after_kill9(db: Option<&str>) {
     }
     assert_eq!(after["progress"]["done"], after["progress"]["total"]);
 }
+
+#[tokio::test]
+async fn a_sweep_edits_one_by_one_and_evaluates_each_checkpoint() {
+    let base = server();
+    let ok = json!({"method": "ft-m", "dataset": "counterfact", "n_edits": 2,
+        "checkpoints": [0, 2], "tasks": ["arc_easy"], "limit": 3, "hparams": {"steps": 3}});
+    let with = |k: &str, v: Value| {
+        let mut b = ok.clone();
+        b[k] = v;
+        b
+    };
+    for (body, field) in [
+        (with("method", json!("nope")), "method"),
+        (with("dataset", json!("wiki")), "dataset"),
+        (with("n_edits", json!(0)), "n_edits"),
+        (with("checkpoints", json!([0, 3])), "checkpoints[1]"),
+        (with("checkpoints", json!([2, 1])), "checkpoints[1]"),
+        (with("checkpoints", json!([])), "checkpoints"),
+        (with("tasks", json!(["nope"])), "tasks[0]"),
+    ] {
+        let (s, v) = post(base, BOB, "/v1/sweeps", body).await;
+        assert_field_problem(s, &v, field);
+    }
+    let (_, bobs) = get(base, BOB, "/v1/sweeps").await;
+    assert_eq!(bobs["total"], 0, "nothing was created: {bobs}");
+
+    let (s, v) = post(base, ALICE, "/v1/sweeps", ok).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    let sweep = loop {
+        let (s, v) = get(base, ALICE, &format!("/v1/sweeps/{id}")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        if terminal(&v) {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(900), "{v}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(sweep["status"], "succeeded", "{sweep}");
+    assert_eq!(sweep["progress"]["done"], 4);
+    assert_eq!(sweep["progress"]["total"], 4);
+    let curve = sweep["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 2, "{sweep}");
+    assert_eq!(
+        (&curve[0]["n_edits"], &curve[0]["version"]),
+        (&json!(0), &json!(0))
+    );
+    assert_eq!(
+        (&curve[1]["n_edits"], &curve[1]["version"]),
+        (&json!(2), &json!(2))
+    );
+    assert!(curve[0]["edit"].as_object().unwrap().is_empty());
+
+    // The session holds the two edits, one version each.
+    let sid = sweep["session"].as_str().unwrap();
+    let (_, session) = get(base, ALICE, &format!("/v1/sessions/{sid}")).await;
+    assert_eq!(
+        (&session["version"], &session["edit_count"]),
+        (&json!(2), &json!(2))
+    );
+    let mut reliability = Vec::new();
+    for v in 1..=2 {
+        let (s, e) = get(base, ALICE, &format!("/v1/sessions/{sid}/edits/{v}")).await;
+        assert_eq!(s, StatusCode::OK, "{e}");
+        reliability.push(e["reports"][0]["post"]["reliability"].as_f64().unwrap());
+    }
+    let mean = (reliability[0] + reliability[1]) / 2.0;
+    assert_eq!(curve[1]["edit"]["reliability"].as_f64().unwrap(), mean);
+
+    // Checkpoint 0 is the base model: the in-process score.
+    let m = common::default_model();
+    let mut backend = ModelBackend::new(m.model.as_ref(), &m.tokenizer);
+    let opts = EvalOptions {
+        limit: Some(3),
+        ..Default::default()
+    };
+    let want = evaluate(
+        &["arc_easy".to_string()],
+        &opts,
+        &data_dir(),
+        &mut backend,
+        &mut |_, _| true,
+    )
+    .unwrap();
+    assert_eq!(
+        curve[0]["tasks"]["arc_easy"]["acc"].as_f64().unwrap(),
+        want.results["arc_easy"].metrics["acc"]
+    );
+
+    let c = Client::new();
+    let csv = c
+        .get(format!("{base}/v1/sweeps/{id}/curve?format=csv"))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), StatusCode::OK);
+    assert!(csv.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    let text = csv.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("n_edits,version,edit."), "{text}");
+    assert!(lines[0].contains("arc_easy.acc"), "{text}");
+    assert!(lines[2].starts_with("2,2,"), "{text}");
+    let svg = c
+        .get(format!("{base}/v1/sweeps/{id}/curve?format=svg"))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(svg.headers()["content-type"], "image/svg+xml");
+    let svg = svg.text().await.unwrap();
+    assert!(svg.contains("<svg") && svg.contains("<polyline") && svg.contains("arc_easy.acc"));
+    let (s, j) = get(base, ALICE, &format!("/v1/sweeps/{id}/curve")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(j["rows"].as_array().unwrap().len(), 2);
+    let (s, v) = get(base, ALICE, &format!("/v1/sweeps/{id}/curve?format=gif")).await;
+    assert_field_problem(s, &v, "format");
+    let (s, _) = get(base, BOB, &format!("/v1/sweeps/{id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = delete(base, ALICE, &format!("/v1/sweeps/{id}")).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+}

@@ -87,7 +87,8 @@ async fn cancel(
     tenant: Tenant,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let (job, done) = state.jobs.cancel(&tenant.0, &id).await?;
+    let done = state.jobs.cancel(&tenant.0, "evaluation", &id).await?;
+    let job = state.jobs.get(&tenant.0, &id).await?;
     Ok(if done {
         HttpResponse::Ok().json(job)
     } else {

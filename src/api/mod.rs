@@ -23,6 +23,7 @@ mod inference;
 pub mod openai;
 pub mod openapi;
 mod sessions;
+mod sweeps;
 mod system;
 
 pub use error::{ApiError, Code};
@@ -217,6 +218,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     sessions::routes(cfg);
     edits::routes(cfg);
     evaluations::routes(cfg);
+    sweeps::routes(cfg);
     inference::routes(cfg);
     openai::routes(cfg);
     cfg.service(utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url(

@@ -23,6 +23,9 @@ use crate::sessions::{SessionError, Sessions};
 use crate::store::{JobRow, Store, StoreError};
 
 mod eval;
+pub mod sweep;
+
+pub use sweep::{CurveRow, NewSweep, Sweep};
 
 /// Most tasks in one evaluation.
 pub const MAX_TASKS: usize = 32;
@@ -34,6 +37,7 @@ pub const MAX_FEWSHOT: i64 = 32;
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 const KIND: &str = "evaluation";
+const SWEEP: &str = "sweep";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -140,10 +144,18 @@ pub struct FinishedTask {
 /// The `result` column: what finished so far.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Record {
+    #[serde(default)]
     results: BTreeMap<String, Value>,
+    #[serde(default)]
     finished_tasks: Vec<FinishedTask>,
     attempts: u32,
     error: Option<String>,
+    /// A sweep's session, once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    session: Option<String>,
+    /// A sweep's finished checkpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    curve: Vec<CurveRow>,
 }
 
 /// An evaluation job.
@@ -287,45 +299,9 @@ impl Jobs {
                 SessionError::VersionNotFound { .. } => invalid("version", e.to_string()),
                 other => JobError::Session(other),
             })?;
-        if req.tasks.is_empty() || req.tasks.len() > MAX_TASKS {
-            return Err(invalid(
-                "tasks",
-                format!(
-                    "must name 1 to {MAX_TASKS} tasks. Given: {}",
-                    req.tasks.len()
-                ),
-            ));
-        }
-        let mut tasks: Vec<String> = Vec::with_capacity(req.tasks.len());
-        for (i, name) in req.tasks.iter().enumerate() {
-            let t =
-                get_task(name.trim()).map_err(|e| invalid(format!("tasks[{i}]"), e.to_string()))?;
-            if tasks.iter().any(|x| x == t.name()) {
-                return Err(invalid(
-                    format!("tasks[{i}]"),
-                    format!("repeats `{}`", t.name()),
-                ));
-            }
-            tasks.push(t.name().to_string());
-        }
-        let limit = match req.limit {
-            Some(l) if !(1..=MAX_LIMIT).contains(&l) => {
-                return Err(invalid(
-                    "limit",
-                    format!("must be 1 to {MAX_LIMIT}. Given: {l}"),
-                ))
-            }
-            l => l.map(|l| l as usize),
-        };
-        let num_fewshot = match req.num_fewshot {
-            Some(n) if !(0..=MAX_FEWSHOT).contains(&n) => {
-                return Err(invalid(
-                    "num_fewshot",
-                    format!("must be 0 to {MAX_FEWSHOT}. Given: {n}"),
-                ))
-            }
-            n => n.map(|n| n as usize),
-        };
+        let tasks = check_tasks(&req.tasks)?;
+        let limit = check_limit(req.limit)?;
+        let num_fewshot = check_fewshot(req.num_fewshot)?;
         let dir = self.cfg.data_dir.clone().ok_or(JobError::NoData)?;
         let spec = EvaluationSpec {
             session: req.session,
@@ -335,25 +311,21 @@ impl Jobs {
             num_fewshot,
             seed: req.seed,
         };
-        // Build every task's requests now: a task option it refuses or a missing data file is
-        // the client's answer, not a failed job later.
-        let s = spec.clone();
-        let total = tokio::task::spawn_blocking(move || -> Result<u64, JobError> {
-            let opts = s.options();
-            let mut prepared = Vec::with_capacity(s.tasks.len());
-            for (i, t) in s.tasks.iter().enumerate() {
-                prepared.push(prepare_task(t, &opts, &dir).map_err(|e| match e {
-                    EvalError::Option(m) => invalid("num_fewshot", m),
-                    other => invalid(
-                        format!("tasks[{i}]"),
-                        format!("cannot be evaluated: {other}"),
-                    ),
-                })?);
-            }
-            Ok(distinct_requests(&prepared).iter().map(|n| *n as u64).sum())
-        })
-        .await
-        .map_err(|e| invalid("tasks", format!("could not be prepared: {e}")))??;
+        let total = count_requests(&spec.tasks, spec.options(), dir).await?;
+        let row = self.insert(tenant, KIND, json(&spec), total).await?;
+        tracing::info!(job = %row.id, session = %spec.session, version = spec.version,
+            tasks = ?spec.tasks, requests = total, "evaluation queued");
+        self.to_job(row, true)
+    }
+
+    /// Stores a new queued job and wakes the runner; 429 when the queue is full.
+    async fn insert(
+        &self,
+        tenant: &str,
+        kind: &str,
+        spec: String,
+        total: u64,
+    ) -> Result<JobRow, JobError> {
         let queued = self.store.queued_jobs().await?;
         if queued >= self.cfg.max_queued as i64 {
             return Err(JobError::Full(queued.max(0) as usize));
@@ -361,8 +333,8 @@ impl Jobs {
         let row = JobRow {
             id: uuid::Uuid::new_v4().to_string(),
             tenant: tenant.to_string(),
-            kind: KIND.into(),
-            spec: json(&spec),
+            kind: kind.into(),
+            spec,
             status: JobStatus::Queued.as_str().into(),
             progress: Some(json(&JobProgress {
                 done: 0,
@@ -375,11 +347,9 @@ impl Jobs {
             finished_at: None,
         };
         self.store.insert_job(&row).await?;
-        tracing::info!(job = %row.id, session = %spec.session, version = spec.version,
-            tasks = ?spec.tasks, requests = total, "evaluation queued");
         self.refresh_gauge().await;
         self.wake.notify_one();
-        self.to_job(row, true)
+        Ok(row)
     }
 
     fn to_job(&self, row: JobRow, with_results: bool) -> Result<Job, JobError> {
@@ -432,16 +402,16 @@ impl Jobs {
         })
     }
 
-    async fn row(&self, tenant: &str, id: &str) -> Result<JobRow, JobError> {
+    async fn row(&self, tenant: &str, kind: &str, id: &str) -> Result<JobRow, JobError> {
         match self.store.job(id).await? {
             // Other tenants' jobs are indistinguishable from missing ones.
-            Some(r) if r.tenant == tenant && r.kind == KIND => Ok(r),
+            Some(r) if r.tenant == tenant && r.kind == kind => Ok(r),
             _ => Err(JobError::NotFound(id.to_string())),
         }
     }
 
     pub async fn get(&self, tenant: &str, id: &str) -> Result<Job, JobError> {
-        let row = self.row(tenant, id).await?;
+        let row = self.row(tenant, KIND, id).await?;
         self.to_job(row, true)
     }
 
@@ -468,13 +438,16 @@ impl Jobs {
         Ok((jobs, total.max(0) as u64))
     }
 
-    /// Cancels a job: a queued one at once, a running one after the chunk in hand. Answers the
-    /// job and whether it is cancelled already.
-    pub async fn cancel(&self, tenant: &str, id: &str) -> Result<(Job, bool), JobError> {
-        let row = self.row(tenant, id).await?;
-        let job = self.to_job(row, false)?;
-        match job.status {
-            JobStatus::Cancelled => return Ok((job, true)),
+    /// Cancels a job of `kind` ("evaluation", "sweep"): a queued one at once, a running one
+    /// after the chunk in hand. Answers whether it is cancelled already.
+    pub async fn cancel(&self, tenant: &str, kind: &str, id: &str) -> Result<bool, JobError> {
+        let row = self.row(tenant, kind, id).await?;
+        let status = JobStatus::parse(&row.status).ok_or_else(|| JobError::Corrupt {
+            id: id.to_string(),
+            msg: format!("status `{}`", row.status),
+        })?;
+        match status {
+            JobStatus::Cancelled => return Ok(true),
             s if s.is_terminal() => {
                 return Err(JobError::Finished {
                     id: id.to_string(),
@@ -485,19 +458,18 @@ impl Jobs {
         }
         if self.flag_current(id) {
             tracing::info!(job = %id, "cancel requested");
-            return Ok((self.get(tenant, id).await?, false));
+            return Ok(false);
         }
         if self.store.cancel_queued_job(id, &now()).await? {
             tracing::info!(job = %id, "cancelled before it started");
             self.refresh_gauge().await;
-            return Ok((self.get(tenant, id).await?, true));
+            return Ok(true);
         }
         // It started (or ended) between the read and the update: the runner registered its
         // flag before marking it running.
         self.flag_current(id);
-        let job = self.get(tenant, id).await?;
-        let done = job.status.is_terminal();
-        Ok((job, done))
+        let row = self.row(tenant, kind, id).await?;
+        Ok(JobStatus::parse(&row.status).is_some_and(JobStatus::is_terminal))
     }
 
     fn flag_current(&self, id: &str) -> bool {
@@ -515,16 +487,18 @@ impl Jobs {
     async fn refresh_gauge(&self) {
         match self.store.job_counts().await {
             Ok(counts) => {
-                for s in JobStatus::ALL {
-                    let n = counts
-                        .iter()
-                        .filter(|(k, st, _)| k == KIND && st == s.as_str())
-                        .map(|c| c.2)
-                        .sum();
-                    self.metrics
-                        .jobs
-                        .with_label_values(&[KIND, s.as_str()])
-                        .set(n);
+                for kind in [KIND, SWEEP] {
+                    for s in JobStatus::ALL {
+                        let n = counts
+                            .iter()
+                            .filter(|(k, st, _)| k == kind && st == s.as_str())
+                            .map(|c| c.2)
+                            .sum();
+                        self.metrics
+                            .jobs
+                            .with_label_values(&[kind, s.as_str()])
+                            .set(n);
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not count jobs"),
@@ -581,6 +555,17 @@ impl Jobs {
             return Ok(()); // cancelled before it started
         }
         self.refresh_gauge().await;
+        if row.kind == SWEEP {
+            let span = tracing::info_span!("sweep", job = %id, attempt = rec.attempts);
+            let outcome = tracing::Instrument::instrument(
+                sweep::run(self, &row, &mut rec, &mut progress, flag),
+                span.clone(),
+            )
+            .await?;
+            return self
+                .conclude(&id, outcome, &started_at, progress, rec, &span)
+                .await;
+        }
         let span = tracing::info_span!("evaluation", job = %id, attempt = rec.attempts);
         let spec: EvaluationSpec = match serde_json::from_str(&row.spec) {
             Ok(s) if row.kind == KIND => s,
@@ -695,12 +680,27 @@ impl Jobs {
             }
             last_write = Some(Instant::now());
         };
+        self.conclude(&id, outcome, &started_at, progress, rec, &span)
+            .await
+    }
+
+    /// Ends a run with the status its outcome says, or leaves it running when the engine is
+    /// shutting down (the next start resumes it).
+    async fn conclude(
+        &self,
+        id: &str,
+        outcome: Result<(), EvalError>,
+        started_at: &str,
+        mut progress: JobProgress,
+        mut rec: Record,
+        span: &tracing::Span,
+    ) -> Result<(), JobError> {
         let status = match &outcome {
             Ok(()) => JobStatus::Succeeded,
             Err(EvalError::Cancelled) => JobStatus::Cancelled,
             Err(_) if !self.engine.is_running() => {
                 // Shutting down: leave it running so that the next start resumes it.
-                span.in_scope(|| tracing::info!("evaluation interrupted by shutdown"));
+                span.in_scope(|| tracing::info!("job interrupted by shutdown"));
                 return Ok(());
             }
             Err(e) => {
@@ -711,8 +711,8 @@ impl Jobs {
         if status == JobStatus::Succeeded {
             progress.done = progress.total;
         }
-        span.in_scope(|| tracing::info!(status = status.as_str(), "evaluation ended"));
-        self.finish(&id, status, &started_at, progress, rec).await
+        span.in_scope(|| tracing::info!(status = status.as_str(), "job ended"));
+        self.finish(id, status, started_at, progress, rec).await
     }
 
     async fn finish(
@@ -738,4 +738,71 @@ impl Jobs {
         self.refresh_gauge().await;
         Ok(())
     }
+}
+
+/// Canonical task names, each known and listed once.
+fn check_tasks(names: &[String]) -> Result<Vec<String>, JobError> {
+    if names.is_empty() || names.len() > MAX_TASKS {
+        return Err(invalid(
+            "tasks",
+            format!("must name 1 to {MAX_TASKS} tasks. Given: {}", names.len()),
+        ));
+    }
+    let mut tasks: Vec<String> = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let t = get_task(name.trim()).map_err(|e| invalid(format!("tasks[{i}]"), e.to_string()))?;
+        if tasks.iter().any(|x| x == t.name()) {
+            return Err(invalid(
+                format!("tasks[{i}]"),
+                format!("repeats `{}`", t.name()),
+            ));
+        }
+        tasks.push(t.name().to_string());
+    }
+    Ok(tasks)
+}
+
+fn check_limit(limit: Option<i64>) -> Result<Option<usize>, JobError> {
+    match limit {
+        Some(l) if !(1..=MAX_LIMIT).contains(&l) => Err(invalid(
+            "limit",
+            format!("must be 1 to {MAX_LIMIT}. Given: {l}"),
+        )),
+        l => Ok(l.map(|l| l as usize)),
+    }
+}
+
+fn check_fewshot(n: Option<i64>) -> Result<Option<usize>, JobError> {
+    match n {
+        Some(n) if !(0..=MAX_FEWSHOT).contains(&n) => Err(invalid(
+            "num_fewshot",
+            format!("must be 0 to {MAX_FEWSHOT}. Given: {n}"),
+        )),
+        n => Ok(n.map(|n| n as usize)),
+    }
+}
+
+/// Builds every task's requests (off the async runtime) and counts the distinct ones: a task
+/// option it refuses or a missing data file is the client's answer, not a failed job later.
+async fn count_requests(
+    tasks: &[String],
+    opts: EvalOptions,
+    dir: PathBuf,
+) -> Result<u64, JobError> {
+    let tasks = tasks.to_vec();
+    tokio::task::spawn_blocking(move || -> Result<u64, JobError> {
+        let mut prepared = Vec::with_capacity(tasks.len());
+        for (i, t) in tasks.iter().enumerate() {
+            prepared.push(prepare_task(t, &opts, &dir).map_err(|e| match e {
+                EvalError::Option(m) => invalid("num_fewshot", m),
+                other => invalid(
+                    format!("tasks[{i}]"),
+                    format!("cannot be evaluated: {other}"),
+                ),
+            })?);
+        }
+        Ok(distinct_requests(&prepared).iter().map(|n| *n as u64).sum())
+    })
+    .await
+    .map_err(|e| invalid("tasks", format!("could not be prepared: {e}")))?
 }

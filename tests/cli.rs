@@ -249,3 +249,56 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+#[test]
+fn sweep_writes_its_curve() {
+    let out = tempdir();
+    let data = shared_dir().join("data").display().to_string();
+    let o = emend(&[
+        "sweep",
+        "--method",
+        "ft-m",
+        "--n-edits",
+        "1",
+        "--checkpoints",
+        "0,1",
+        "--tasks",
+        "arc_easy",
+        "--limit",
+        "2",
+        "--hparams",
+        r#"{"steps": 2}"#,
+        "--data-dir",
+        &data,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let csv = std::fs::read_to_string(out.join("curve.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[0].starts_with("n_edits,version,edit."), "{csv}");
+    assert!(lines[0].contains(",edit.reliability,"), "{csv}");
+    assert!(lines[0].contains("arc_easy.acc"), "{csv}");
+    assert!(lines[2].starts_with("1,1,"), "{csv}");
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), csv);
+    let svg = std::fs::read_to_string(out.join("curve.svg")).unwrap();
+    assert!(svg.contains("<polyline"), "{svg}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("curve.json")).unwrap()).unwrap();
+    assert_eq!(json["rows"].as_array().unwrap().len(), 2);
+
+    let o = emend(&[
+        "sweep",
+        "--n-edits",
+        "2",
+        "--checkpoints",
+        "0,3",
+        "--tasks",
+        "arc_easy",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--checkpoints"), "{}", stderr(&o));
+}

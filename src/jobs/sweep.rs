@@ -461,7 +461,7 @@ pub(super) async fn run(
 }
 
 /// Numeric metrics of a task result, standard errors left out.
-fn headline_metrics(v: &Value) -> BTreeMap<String, f64> {
+pub fn headline_metrics(v: &Value) -> BTreeMap<String, f64> {
     v.as_object()
         .map(|o| {
             o.iter()
@@ -480,29 +480,35 @@ fn edit_means(
     sid: &str,
     version: u64,
 ) -> Result<BTreeMap<String, f64>, String> {
-    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    let mut reports = Vec::new();
     for v in 1..=version {
-        let Some(summary) = jobs
+        if let Some(summary) = jobs
             .sessions
             .version_summary(tenant, sid, v)
             .map_err(|e| e.to_string())?
-        else {
-            continue;
-        };
-        for report in summary.metrics.as_array().into_iter().flatten() {
-            for (k, x) in report["post"].as_object().into_iter().flatten() {
-                if let Some(f) = x.as_f64() {
-                    let e = sums.entry(k.clone()).or_default();
-                    e.0 += f;
-                    e.1 += 1;
-                }
+        {
+            reports.extend(summary.metrics.as_array().into_iter().flatten().cloned());
+        }
+    }
+    Ok(mean_post_metrics(&reports))
+}
+
+/// Means of the numeric `post` metrics of edit reports (as JSON), each over the reports that
+/// have it.
+pub fn mean_post_metrics(reports: &[Value]) -> BTreeMap<String, f64> {
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for report in reports {
+        for (k, x) in report["post"].as_object().into_iter().flatten() {
+            if let Some(f) = x.as_f64() {
+                let e = sums.entry(k.clone()).or_default();
+                e.0 += f;
+                e.1 += 1;
             }
         }
     }
-    Ok(sums
-        .into_iter()
+    sums.into_iter()
         .map(|(k, (s, n))| (k, s / n as f64))
-        .collect())
+        .collect()
 }
 
 /// The tasks on one view, on a thread of their own; each task's result as JSON.

@@ -656,3 +656,71 @@ async fn a_sweep_edits_one_by_one_and_evaluates_each_checkpoint() {
     let (s, _) = delete(base, ALICE, &format!("/v1/sweeps/{id}")).await;
     assert_eq!(s, StatusCode::CONFLICT);
 }
+
+#[tokio::test]
+async fn a_sweep_killed_mid_run_resumes_from_its_last_checkpoint() {
+    let dir = temp_dir("sweep-restart");
+    let first = ChildServer::start(&dir, None);
+    let url = first.url.clone();
+    let (s, v) = post(
+        &url,
+        ALICE,
+        "/v1/sweeps",
+        json!({"method": "ft-m", "dataset": "counterfact", "n_edits": 2,
+            "checkpoints": [0, 1, 2], "tasks": ["arc_easy"], "limit": 2,
+            "hparams": {"steps": 3}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/sweeps/{id}");
+    let start = Instant::now();
+    let before = loop {
+        let (_, v) = get(&url, ALICE, &path).await;
+        if terminal(&v) || !v["curve"].as_array().unwrap().is_empty() {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(900), "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(before["status"], "running", "killed mid-run: {before}");
+    first.kill9();
+
+    let second = ChildServer::start(&dir, None);
+    let url = second.url.clone();
+    let start = Instant::now();
+    let after = loop {
+        let (_, v) = get(&url, ALICE, &path).await;
+        if terminal(&v) {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(900), "{v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(after["status"], "succeeded", "{after}");
+    assert_eq!(after["attempts"], 2);
+    assert_eq!(
+        after["session"], before["session"],
+        "the same session goes on"
+    );
+    let curve = after["curve"].as_array().unwrap();
+    let ns: Vec<u64> = curve
+        .iter()
+        .map(|r| r["n_edits"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, [0, 1, 2], "each checkpoint once: {after}");
+    for (i, r) in before["curve"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(
+            &curve[i], r,
+            "checkpoints finished before the kill are kept"
+        );
+    }
+    // no edit was applied twice
+    let sid = after["session"].as_str().unwrap();
+    let (_, s) = get(&url, ALICE, &format!("/v1/sessions/{sid}")).await;
+    assert_eq!(
+        (&s["version"], &s["edit_count"]),
+        (&json!(2), &json!(2)),
+        "{s}"
+    );
+}

@@ -48,6 +48,8 @@ pub struct Config {
     pub eval_patience_secs: u64,
     /// Generation requests batched into one forward.
     pub max_generation_batch: usize,
+    /// Evaluation jobs waiting to run before submissions answer 429.
+    pub max_queued_jobs: usize,
     /// TOML file with `[[keys]] tenant = "…" sha256 = "…"` entries.
     pub api_keys_file: Option<PathBuf>,
     /// `tenant:sha256hex,tenant2:sha256hex`.
@@ -83,6 +85,7 @@ impl Default for Config {
             queue_eval: 256,
             eval_patience_secs: 120,
             max_generation_batch: 8,
+            max_queued_jobs: 64,
             api_keys_file: None,
             api_keys: None,
             insecure_open: false,
@@ -171,6 +174,7 @@ impl Config {
             ("queue_edit", self.queue_edit),
             ("queue_eval", self.queue_eval),
             ("max_generation_batch", self.max_generation_batch),
+            ("max_queued_jobs", self.max_queued_jobs),
             ("http_workers", self.http_workers),
         ];
         for (field, v) in positive {

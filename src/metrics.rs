@@ -21,7 +21,18 @@ pub struct Metrics {
     pub edit_duration_seconds: HistogramVec,
     /// Delta bytes of every live session's current version.
     pub session_overlay_bytes: IntGauge,
+    /// Evaluation requests answered by the engine, by lm-eval request kind.
+    pub eval_requests_total: IntCounterVec,
+    /// Stored jobs by kind and status.
+    pub jobs: IntGaugeVec,
+    /// Wall time of an evaluation job from its first start to its end, by final status.
+    pub eval_job_duration_seconds: HistogramVec,
 }
+
+/// Jobs run from seconds (a few documents) to hours (full benchmarks on CPU).
+const JOB_SECONDS: &[f64] = &[
+    1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
+];
 
 /// Edits take from a fraction of a second (FT, few steps) to minutes (first ROME: statistics).
 const EDIT_SECONDS: &[f64] = &[
@@ -116,6 +127,28 @@ impl Metrics {
                 "Delta bytes of the current versions of the live sessions",
             )
             .unwrap(),
+            eval_requests_total: IntCounterVec::new(
+                Opts::new(
+                    "emend_eval_requests_total",
+                    "Evaluation requests answered by the engine, by request kind",
+                ),
+                &["kind"],
+            )
+            .unwrap(),
+            jobs: IntGaugeVec::new(
+                Opts::new("emend_jobs", "Stored jobs by kind and status"),
+                &["kind", "status"],
+            )
+            .unwrap(),
+            eval_job_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "emend_eval_job_duration_seconds",
+                    "Wall time of an evaluation job from its first start to its end",
+                )
+                .buckets(JOB_SECONDS.to_vec()),
+                &["status"],
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
@@ -136,12 +169,25 @@ impl Metrics {
             .unwrap();
         r.register(Box::new(m.session_overlay_bytes.clone()))
             .unwrap();
+        r.register(Box::new(m.eval_requests_total.clone())).unwrap();
+        r.register(Box::new(m.jobs.clone())).unwrap();
+        r.register(Box::new(m.eval_job_duration_seconds.clone()))
+            .unwrap();
         // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
         for method in crate::engine::editing::Method::ALL {
             for outcome in ["ok", "invalid", "failed"] {
                 m.edits_total.with_label_values(&[method.name(), outcome]);
             }
             m.edit_duration_seconds.with_label_values(&[method.name()]);
+        }
+        for kind in ["loglikelihood", "loglikelihood_rolling", "generate_until"] {
+            m.eval_requests_total.with_label_values(&[kind]);
+        }
+        for status in crate::jobs::JobStatus::ALL {
+            m.jobs.with_label_values(&["evaluation", status.as_str()]);
+        }
+        for status in ["succeeded", "failed", "cancelled"] {
+            m.eval_job_duration_seconds.with_label_values(&[status]);
         }
         m
     }

@@ -1,6 +1,7 @@
 //! Wires the long-running server together: model → engine worker → store → sessions → HTTP.
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::web;
 
@@ -9,6 +10,7 @@ use crate::config::{ApiKeys, Config};
 use crate::engine::editing::EditingEnv;
 use crate::engine::model::LoadedModel;
 use crate::engine::worker::{Engine, EngineLimits};
+use crate::jobs::{Jobs, JobsConfig};
 use crate::metrics::Metrics;
 use crate::sessions::{Placement, Sessions};
 use crate::store::Store;
@@ -46,10 +48,26 @@ pub async fn start(
         dtype: engine.dtype(),
     };
     // One session may queue as many edits as the edit lane holds; beyond that, 429.
-    let sessions = Sessions::restore(store, metrics.clone(), &placement, cfg.queue_edit).await?;
+    let sessions = Arc::new(
+        Sessions::restore(store.clone(), metrics.clone(), &placement, cfg.queue_edit).await?,
+    );
+    let jobs = Jobs::new(
+        store,
+        sessions.clone(),
+        engine.clone(),
+        metrics.clone(),
+        JobsConfig {
+            data_dir: cfg.data_dir.clone(),
+            patience: Duration::from_secs(cfg.eval_patience_secs),
+            max_queued: cfg.max_queued_jobs,
+        },
+    );
+    // After the sessions are restored: a resumed job needs its session version.
+    jobs.start();
     let state = web::Data::new(AppState {
         engine,
         sessions,
+        jobs,
         metrics,
         keys,
         limits: Limits::from_config(cfg),

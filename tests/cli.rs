@@ -160,6 +160,71 @@ fn zero_max_tokens_is_refused() {
     assert!(stderr(&o).contains("--max-tokens"), "{}", stderr(&o));
 }
 
+#[test]
+fn eval_session_file_evaluates_the_edited_model() {
+    let dir = tempdir();
+    let data = shared_dir().join("data").display().to_string();
+    let edits = dir.join("edits.jsonl");
+    std::fs::write(
+        &edits,
+        concat!(
+            r#"{"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}"#,
+            "\n\n",
+            r#"{"dataset": "counterfact", "id": 0}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let edits = edits.display().to_string();
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "--json",
+            "eval",
+            "--tasks",
+            "lambada_openai",
+            "--limit",
+            "3",
+            "--data-dir",
+            &data,
+        ];
+        args.extend_from_slice(extra);
+        let o = emend(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let ppl = |v: &serde_json::Value| {
+        v["results"]["lambada_openai"]["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    let base = eval(&[]);
+    let edited = eval(&[
+        "--session-file",
+        &edits,
+        "--method",
+        "ft-m",
+        "--hparams",
+        r#"{"steps": 3}"#,
+    ]);
+    assert_ne!(ppl(&base), ppl(&edited), "the edits are applied");
+
+    // A record that does not exist is named with its line.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"dataset\": \"counterfact\", \"id\": 987654321}\n").unwrap();
+    let o = emend(&[
+        "eval",
+        "--tasks",
+        "lambada_openai",
+        "--data-dir",
+        &data,
+        "--session-file",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("line 1") && e.contains("987654321"), "{e}");
+}
+
 fn tempdir() -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!(
         "emend-cli-{}-{}",
@@ -183,4 +248,57 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+#[test]
+fn sweep_writes_its_curve() {
+    let out = tempdir();
+    let data = shared_dir().join("data").display().to_string();
+    let o = emend(&[
+        "sweep",
+        "--method",
+        "ft-m",
+        "--n-edits",
+        "1",
+        "--checkpoints",
+        "0,1",
+        "--tasks",
+        "arc_easy",
+        "--limit",
+        "2",
+        "--hparams",
+        r#"{"steps": 2}"#,
+        "--data-dir",
+        &data,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let csv = std::fs::read_to_string(out.join("curve.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[0].starts_with("n_edits,version,edit."), "{csv}");
+    assert!(lines[0].contains(",edit.reliability,"), "{csv}");
+    assert!(lines[0].contains("arc_easy.acc"), "{csv}");
+    assert!(lines[2].starts_with("1,1,"), "{csv}");
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), csv);
+    let svg = std::fs::read_to_string(out.join("curve.svg")).unwrap();
+    assert!(svg.contains("<polyline"), "{svg}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("curve.json")).unwrap()).unwrap();
+    assert_eq!(json["rows"].as_array().unwrap().len(), 2);
+
+    let o = emend(&[
+        "sweep",
+        "--n-edits",
+        "2",
+        "--checkpoints",
+        "0,3",
+        "--tasks",
+        "arc_easy",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--checkpoints"), "{}", stderr(&o));
 }

@@ -419,7 +419,7 @@ pub const DEFAULT_PAGE: u64 = 100;
 pub const MAX_PAGE: u64 = 1000;
 
 /// `offset` and `limit` of a listing, each named when it is not a number in range.
-fn page(q: &HashMap<String, String>) -> Result<(u64, u64), ApiError> {
+pub(crate) fn page(q: &HashMap<String, String>) -> Result<(u64, u64), ApiError> {
     if let Some(k) = q.keys().find(|k| *k != "offset" && *k != "limit") {
         return Err(ApiError::field(
             k,

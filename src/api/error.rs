@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 use crate::engine::editing::EditError;
 use crate::engine::model::ModelError;
 use crate::engine::worker::EngineError;
+use crate::jobs::JobError;
 use crate::sessions::SessionError;
 use crate::store::StoreError;
 
@@ -32,6 +33,7 @@ codes! {
     Unauthorized, "unauthorized", UNAUTHORIZED, "A valid API key is required";
     NotFound, "not_found", NOT_FOUND, "No such resource";
     MethodNotAllowed, "method_not_allowed", METHOD_NOT_ALLOWED, "The path does not accept this method";
+    Conflict, "conflict", CONFLICT, "The resource is not in a state that allows this";
     PayloadTooLarge, "payload_too_large", PAYLOAD_TOO_LARGE, "The request body exceeds the size limit";
     Overloaded, "overloaded", TOO_MANY_REQUESTS, "The server is at capacity; retry later";
     Unavailable, "unavailable", SERVICE_UNAVAILABLE, "The service is not ready or is shutting down";
@@ -138,6 +140,31 @@ impl From<SessionError> for ApiError {
     }
 }
 
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Invalid { field, message } => Self::field(&field, message),
+            JobError::NotFound(_) => Self::new(Code::NotFound, e.to_string()),
+            JobError::Finished { .. } => Self::new(Code::Conflict, e.to_string()),
+            JobError::Full(_) => Self {
+                code: Code::Overloaded,
+                detail: e.to_string(),
+                retry_after: Some(30),
+            },
+            JobError::NoData => Self::field(
+                "tasks",
+                "cannot be evaluated: the server has no dataset directory (configure `data_dir`)",
+            ),
+            JobError::Session(s) => s.into(),
+            JobError::Store(s) => SessionError::Store(s).into(),
+            JobError::Corrupt { .. } => {
+                tracing::error!(error = %e, "stored job unreadable");
+                Self::new(Code::Internal, "the stored job is unreadable")
+            }
+        }
+    }
+}
+
 impl From<ModelError> for ApiError {
     fn from(e: ModelError) -> Self {
         match e {
@@ -216,7 +243,7 @@ impl ResponseError for OpenAiError {
             | Code::PayloadTooLarge => "invalid_request_error",
             Code::Unauthorized => "authentication_error",
             Code::NotFound => "not_found_error",
-            Code::MethodNotAllowed => "invalid_request_error",
+            Code::MethodNotAllowed | Code::Conflict => "invalid_request_error",
             Code::Overloaded => "rate_limit_error",
             Code::Unavailable | Code::Internal => "server_error",
         };

@@ -18,10 +18,12 @@ use crate::sessions::Sessions;
 
 mod edits;
 pub mod error;
+mod evaluations;
 mod inference;
 pub mod openai;
 pub mod openapi;
 mod sessions;
+mod sweeps;
 mod system;
 
 pub use error::{ApiError, Code};
@@ -53,7 +55,8 @@ impl Limits {
 /// Shared by every handler.
 pub struct AppState {
     pub engine: Engine,
-    pub sessions: Sessions,
+    pub sessions: Arc<Sessions>,
+    pub jobs: Arc<crate::jobs::Jobs>,
     pub metrics: Arc<Metrics>,
     pub keys: ApiKeys,
     pub limits: Limits,
@@ -214,6 +217,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     system::routes(cfg);
     sessions::routes(cfg);
     edits::routes(cfg);
+    evaluations::routes(cfg);
+    sweeps::routes(cfg);
     inference::routes(cfg);
     openai::routes(cfg);
     cfg.service(utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url(

@@ -6,6 +6,7 @@ use super::edits::{
     MethodList, MethodName, RollbackRequest, VersionDto,
 };
 use super::error::Problem;
+use super::evaluations::JobList;
 use super::inference::{
     GenerateRequest, GenerateResponse, LoglikelihoodItem, LoglikelihoodRequest,
     LoglikelihoodResponse, LoglikelihoodResult, Message, Usage,
@@ -17,9 +18,13 @@ use super::openai::{
     TokenizerInfo,
 };
 use super::sessions::{CreateSession, ForkFrom, ParentDto, SessionDto, SessionList};
+use super::sweeps::SweepList;
 use super::system::{Health, ModelDto};
 use crate::engine::editing::datasets::EditDataset;
 use crate::engine::editing::{EditMetrics, EditReport, EditRequest, PromptAnswer, PromptScore};
+use crate::jobs::{
+    CurveRow, FinishedTask, Job, JobProgress, JobStatus, NewEvaluation, NewSweep, Sweep,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,6 +35,8 @@ use crate::engine::editing::{EditMetrics, EditReport, EditRequest, PromptAnswer,
         super::system::healthz, super::system::readyz, super::system::metrics, super::system::model, super::system::problem_type,
         super::sessions::create, super::sessions::list, super::sessions::get, super::sessions::delete,
         super::edits::apply, super::edits::history, super::edits::version, super::edits::rollback, super::edits::methods,
+        super::evaluations::create, super::evaluations::list, super::evaluations::get, super::evaluations::cancel,
+        super::sweeps::create, super::sweeps::list, super::sweeps::get, super::sweeps::cancel, super::sweeps::curve,
         super::inference::generate, super::inference::loglikelihood,
         super::openai::completions, super::openai::chat_completions, super::openai::models,
         super::openai::tokenizer_info, super::openai::tokenize, super::openai::detokenize,
@@ -38,6 +45,7 @@ use crate::engine::editing::{EditMetrics, EditReport, EditRequest, PromptAnswer,
         Problem, Health, ModelDto, CreateSession, ForkFrom, SessionDto, ParentDto, SessionList,
         ApplyEdits, ApplyEditsResponse, EditItem, DatasetRecord, EditDataset, MethodName, VersionDto, HistoryEntry, EditHistory,
         RollbackRequest, MethodDto, MethodList, EditRequest, PromptAnswer, EditReport, EditMetrics, PromptScore,
+        NewEvaluation, Job, JobStatus, JobProgress, FinishedTask, JobList, NewSweep, Sweep, CurveRow, SweepList,
         GenerateRequest, GenerateResponse, Message, Usage, LoglikelihoodItem, LoglikelihoodRequest, LoglikelihoodResult, LoglikelihoodResponse,
         CompletionRequest, CompletionResponse, CompletionChoice, Logprobs, OpenAiUsage, PromptInput, StopInput,
         ChatCompletionRequest, ChatCompletionResponse, ChatChoice, ChatMessageOut, ModelList, ModelCard,
@@ -48,6 +56,8 @@ use crate::engine::editing::{EditMetrics, EditReport, EditRequest, PromptAnswer,
     tags(
         (name = "sessions", description = "A session is the base model plus an ordered edit log"),
         (name = "edits", description = "Knowledge edits as session versions: apply, history, rollback, methods"),
+        (name = "evaluations", description = "Benchmark jobs on a session version: queued one at a time, resumable, cancellable"),
+        (name = "sweeps", description = "The paper's protocol: edits one by one on a fresh session, benchmarks at checkpoints, curves"),
         (name = "inference", description = "Generation and scoring against a session"),
         (name = "openai", description = "OpenAI-compatible routes (lm-evaluation-harness `local-completions`)"),
         (name = "tokenizer", description = "Tokenizer probes used by lm-evaluation-harness"),

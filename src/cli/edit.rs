@@ -1,6 +1,7 @@
 //! `emend edit`: apply edits to a fresh session of the model and print their metrics;
 //! `emend stats`: precompute the key statistics ROME/MEMIT need.
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,7 +22,8 @@ pub struct EditArgs {
     /// rome, memit, ft-l or ft-m.
     #[arg(long, default_value = "rome")]
     pub method: String,
-    /// Edit requests: a JSON array or JSONL of `{prompt, subject, target_new, …}`.
+    /// Edit requests: a JSON array or JSONL of `{prompt, subject, target_new, …}` or
+    /// `{"dataset": "counterfact", "id": N}` records.
     #[arg(long, conflicts_with = "dataset")]
     pub file: Option<PathBuf>,
     /// Take the requests from a dataset (counterfact or zsre) instead.
@@ -68,30 +70,74 @@ pub struct StatsArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-fn env(data_dir: Option<PathBuf>) -> EditingEnv {
+pub fn env(data_dir: Option<PathBuf>) -> EditingEnv {
     EditingEnv {
         stats_dir: setup::cache_dir().join("stats"),
         data_dir: data_dir.or_else(setup::default_datasets_dir),
     }
 }
 
+/// Edit requests from a file: a JSON array or JSONL whose items are edit requests
+/// (`{prompt, subject, target_new, …}`) or dataset records (`{"dataset": "counterfact", "id": N}`).
+pub fn read_edit_file(f: &Path, data_dir: Option<&Path>) -> Result<Vec<EditRequest>> {
+    let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+    let trimmed = text.trim_start();
+    let items: Vec<(String, serde_json::Value)> = if trimmed.starts_with('[') {
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(trimmed).with_context(|| format!("parsing {}", f.display()))?;
+        v.into_iter()
+            .enumerate()
+            .map(|(i, v)| (format!("{} item {}", f.display(), i), v))
+            .collect()
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                let at = format!("{} line {}", f.display(), i + 1);
+                let v = serde_json::from_str(l).with_context(|| at.clone())?;
+                Ok((at, v))
+            })
+            .collect::<Result<_>>()?
+    };
+    // Each dataset is parsed once, however many of its records the file names.
+    let mut loaded: HashMap<&'static str, Vec<datasets::Record>> = HashMap::new();
+    let mut out = Vec::with_capacity(items.len());
+    for (at, v) in items {
+        if v.get("dataset").is_none() {
+            out.push(serde_json::from_value(v).with_context(|| at.clone())?);
+            continue;
+        }
+        let ds: EditDataset = v["dataset"]
+            .as_str()
+            .with_context(|| format!("{at}: `dataset` must be a string"))?
+            .parse()
+            .with_context(|| at.clone())?;
+        let id = v
+            .get("id")
+            .and_then(serde_json::Value::as_u64)
+            .with_context(|| format!("{at}: `id` must be a non-negative integer"))?;
+        let Some(dir) = data_dir else {
+            bail!("{at}: names a dataset record but there is no dataset directory (--data-dir)");
+        };
+        if !loaded.contains_key(ds.name()) {
+            loaded.insert(ds.name(), datasets::load(ds, dir)?);
+        }
+        let r = loaded[ds.name()]
+            .iter()
+            .find(|r| r.id == id)
+            .with_context(|| format!("{at}: {} has no record {id}", ds.name()))?;
+        out.push(r.request.clone());
+    }
+    if out.is_empty() {
+        bail!("{}: no edits", f.display());
+    }
+    Ok(out)
+}
+
 fn read_requests(a: &EditArgs, data_dir: Option<&PathBuf>) -> Result<Vec<EditRequest>> {
     if let Some(f) = &a.file {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        let trimmed = text.trim_start();
-        return if trimmed.starts_with('[') {
-            serde_json::from_str(trimmed).with_context(|| format!("parsing {}", f.display()))
-        } else {
-            text.lines()
-                .filter(|l| !l.trim().is_empty())
-                .enumerate()
-                .map(|(i, l)| {
-                    serde_json::from_str(l)
-                        .with_context(|| format!("{} line {}", f.display(), i + 1))
-                })
-                .collect()
-        };
+        return read_edit_file(f, data_dir.map(PathBuf::as_path));
     }
     let Some(ds) = &a.dataset else {
         bail!("give --file or --dataset");

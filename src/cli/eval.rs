@@ -1,13 +1,18 @@
-//! `emend eval`: lm-evaluation-harness-compatible benchmarks on the loaded model. A progress
-//! bar goes to stderr; scores (or, with `--json`, one JSON object) to stdout.
+//! `emend eval`: lm-evaluation-harness-compatible benchmarks on the loaded model, or on the
+//! model edited by the edits of `--session-file`. A progress bar goes to stderr; scores (or,
+//! with `--json`, one JSON object) to stdout.
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use emend::engine::editing::{self, EditContext, MeasureOptions, Method};
 use emend::engine::eval::{evaluate, list_tasks, EvalOptions, ModelBackend, Results};
+use emend::engine::overlay::{Edited, Overlay};
 
+use super::edit::read_edit_file;
 use super::{load, Global};
 
 #[derive(Args)]
@@ -31,6 +36,16 @@ pub struct EvalArgs {
     /// Print the known task names and exit.
     #[arg(long)]
     pub list: bool,
+    /// Evaluate the model edited by these edits (JSON array or JSONL of edit requests or
+    /// `{"dataset": "counterfact", "id": N}` records), applied one by one to a fresh overlay.
+    #[arg(long)]
+    pub session_file: Option<PathBuf>,
+    /// Editing method for --session-file: rome, memit, ft-l or ft-m.
+    #[arg(long, default_value = "rome", requires = "session_file")]
+    pub method: String,
+    /// Hyper-parameter overrides for --session-file as a JSON object, e.g. '{"layer": 5}'.
+    #[arg(long, requires = "session_file")]
+    pub hparams: Option<String>,
 }
 
 pub fn data_dir(arg: Option<PathBuf>) -> PathBuf {
@@ -51,8 +66,44 @@ pub fn run(g: &Global, a: EvalArgs) -> Result<()> {
         emend::engine::eval::get_task(t.trim())?;
     }
     let dir = data_dir(a.data_dir);
+    let edits = match &a.session_file {
+        Some(f) => {
+            let method: Method = a.method.parse()?;
+            let overrides: serde_json::Value = match &a.hparams {
+                Some(s) => serde_json::from_str(s).context("--hparams must be a JSON object")?,
+                None => serde_json::Value::Null,
+            };
+            Some((method, read_edit_file(f, Some(&dir))?, overrides))
+        }
+        None => None,
+    };
     let m = load(g)?;
-    let mut backend = ModelBackend::new(m.model.as_ref(), &m.tokenizer);
+    let mut overlay = Overlay::base();
+    if let Some((method, requests, overrides)) = &edits {
+        editing::validate(requests, &m.tokenizer)?;
+        let ctx = EditContext::new(super::edit::env(Some(dir.clone())), &m.info);
+        let span = tracing::info_span!("edits", method = %method, n = requests.len());
+        let steps = span.in_scope(|| {
+            editing::apply(
+                &m,
+                &overlay,
+                *method,
+                requests,
+                overrides,
+                MeasureOptions::default(),
+                &ctx,
+            )
+        })?;
+        for s in steps {
+            overlay = Overlay::push(&overlay, s.deltas);
+        }
+        tracing::info!(method = %method, edits = requests.len(), versions = overlay.depth(), "edits applied");
+    }
+    let edited = Edited::new(
+        m.model.as_ref(),
+        Arc::new(overlay.prepare(m.model.as_ref())?),
+    );
+    let mut backend = ModelBackend::new(&edited, &m.tokenizer);
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} requests  {elapsed} (eta {eta})")

@@ -18,6 +18,7 @@ mod bench_edit;
 mod edit;
 mod eval;
 mod serve;
+mod sweep;
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +80,9 @@ pub enum Command {
     Stats(edit::StatsArgs),
     /// Run lm-evaluation-harness-compatible benchmarks (scores on stdout).
     Eval(eval::EvalArgs),
+    /// The paper's protocol in-process: edits one by one, benchmarks at checkpoints; writes
+    /// curve.csv, curve.json and curve.svg.
+    Sweep(sweep::SweepArgs),
 }
 
 #[derive(Args)]
@@ -296,6 +300,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Edit(a) => edit::run_edit(&g, a)?,
         Command::Stats(a) => edit::run_stats(&g, a)?,
         Command::Eval(a) => eval::run(&g, a)?,
+        Command::Sweep(a) => sweep::run(&g, a)?,
     }
     Ok(())
 }

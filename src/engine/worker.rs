@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::editing::{self, EditError, EditRequest, EditStep, EditingEnv, MeasureOptions, Method};
+use super::eval::engine::{EvalAnswers, EvalWork};
 use super::model::generate::{generate_each, GenParams, Generation};
 use super::model::loader::ModelInfo;
 use super::model::score::{loglikelihood, score_tokens_top, Loglikelihood, TokenScores};
@@ -130,6 +131,13 @@ pub enum Work {
         opts: MeasureOptions,
         reply: oneshot::Sender<Result<Vec<EditStep>, EngineError>>,
     },
+    /// A chunk of an evaluation's requests (see `eval::engine::EngineBackend`), answered by
+    /// the same code as the in-process backend so that the numbers are the same.
+    Eval {
+        view: ModelView,
+        work: EvalWork,
+        reply: oneshot::Sender<Result<EvalAnswers, EngineError>>,
+    },
 }
 
 impl Work {
@@ -140,6 +148,7 @@ impl Work {
             Work::Score { reply, .. } => reply.is_closed(),
             Work::Loglikelihood { reply, .. } => reply.is_closed(),
             Work::Edit { reply, .. } => reply.is_closed(),
+            Work::Eval { reply, .. } => reply.is_closed(),
         }
     }
 }
@@ -284,6 +293,32 @@ impl Engine {
         self.enqueue(lane, work, permit)
     }
 
+    /// [`Self::submit_waiting`] for a plain thread (evaluation jobs run on their own thread,
+    /// not on the async runtime): polls the lane for room up to `patience`.
+    pub fn submit_blocking(
+        &self,
+        lane: Lane,
+        work: Work,
+        patience: Duration,
+    ) -> Result<(), EngineError> {
+        let sem = self.shared.admission[lane as usize].clone();
+        let start = Instant::now();
+        loop {
+            match sem.clone().try_acquire_owned() {
+                Ok(p) => return self.enqueue(lane, work, p),
+                Err(_) if start.elapsed() < patience && self.is_running() => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(_) => {
+                    return Err(EngineError::Overloaded {
+                        lane: lane.name(),
+                        capacity: self.shared.limits.lane_capacity[lane as usize],
+                    })
+                }
+            }
+        }
+    }
+
     fn enqueue(
         &self,
         lane: Lane,
@@ -356,6 +391,11 @@ fn worker(shared: Arc<Shared>, model: LoadedModel, env: EditingEnv) {
             let mut lanes = shared.lanes.lock().expect("engine queue lock");
             loop {
                 if shared.shutdown.load(Ordering::Relaxed) {
+                    // Dropping queued work closes its reply channels, so a caller blocked on
+                    // an answer (an evaluation thread) gets an error instead of waiting forever.
+                    for l in lanes.iter_mut() {
+                        l.clear();
+                    }
                     return;
                 }
                 if let Some(b) = next_batch(&mut lanes, shared.limits.max_batch) {
@@ -419,7 +459,8 @@ fn view_of(work: &Work) -> &ModelView {
         Work::Generate { view, .. }
         | Work::Score { view, .. }
         | Work::Loglikelihood { view, .. }
-        | Work::Edit { view, .. } => view,
+        | Work::Edit { view, .. }
+        | Work::Eval { view, .. } => view,
     }
 }
 
@@ -465,6 +506,9 @@ fn fail(work: Work, e: EngineError) {
             let _ = reply.send(Err(e));
         }
         Work::Edit { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Work::Eval { reply, .. } => {
             let _ = reply.send(Err(e));
         }
     }
@@ -587,6 +631,24 @@ fn run_on(
                     Err(p) => {
                         let msg = panic_message(p);
                         tracing::error!(panic = %msg, "engine panicked during an edit");
+                        Err(EngineError::Panicked(msg))
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Work::Eval { work, reply, .. } => {
+                metrics
+                    .eval_requests_total
+                    .with_label_values(&[work.kind()])
+                    .inc_by(work.len() as u64);
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    work.answer(lm, tok, shared.limits.token_budget)
+                }));
+                let r = match r {
+                    Ok(r) => r,
+                    Err(p) => {
+                        let msg = panic_message(p);
+                        tracing::error!(panic = %msg, "engine panicked during evaluation");
                         Err(EngineError::Panicked(msg))
                     }
                 };

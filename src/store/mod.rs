@@ -5,7 +5,9 @@ use std::str::FromStr;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Executor, Row, Transaction};
 
+mod jobs;
 mod log;
+pub use jobs::JobRow;
 pub use log::{LogEntry, LogKind, NewEdit};
 
 #[derive(Debug, thiserror::Error)]

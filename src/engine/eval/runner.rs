@@ -94,6 +94,39 @@ impl RequestCache {
     }
 }
 
+fn task_options(opts: &EvalOptions) -> TaskOptions {
+    TaskOptions {
+        limit: opts.limit,
+        num_fewshot: opts.num_fewshot,
+        seed: opts.seed,
+    }
+}
+
+/// Builds one task's documents and requests (what an evaluation of it would send), e.g. to
+/// check options and data files before queuing a job.
+pub fn prepare_task(name: &str, opts: &EvalOptions, data_dir: &Path) -> Result<Prepared> {
+    if opts.limit == Some(0) {
+        return Err(EvalError::Option("limit must be at least 1".into()));
+    }
+    get_task(name.trim())?.prepare(data_dir, &task_options(opts))
+}
+
+/// Distinct requests each prepared task adds when the tasks run one after another with one
+/// [`Evaluator`] (requests an earlier task already asked are answered from its cache).
+pub fn distinct_requests(prepared: &[Prepared]) -> Vec<usize> {
+    let mut seen = std::collections::HashSet::new();
+    prepared
+        .iter()
+        .map(|p| {
+            p.instances
+                .iter()
+                .flat_map(|i| &i.requests)
+                .filter(|r| seen.insert(RequestCache::key(r)))
+                .count()
+        })
+        .collect()
+}
+
 /// Evaluates `task_names` with one fresh cache.
 pub fn evaluate(
     task_names: &[String],
@@ -130,11 +163,7 @@ impl Evaluator {
             .iter()
             .map(|n| get_task(n.trim()))
             .collect::<Result<_>>()?;
-        let topts = TaskOptions {
-            limit: opts.limit,
-            num_fewshot: opts.num_fewshot,
-            seed: opts.seed,
-        };
+        let topts = task_options(opts);
         let prepared: Vec<Prepared> = tasks
             .iter()
             .map(|t| {
@@ -142,11 +171,30 @@ impl Evaluator {
                 t.prepare(data_dir, &topts)
             })
             .collect::<Result<_>>()?;
+        self.evaluate_prepared(&tasks, &prepared, opts, backend, progress)
+    }
 
+    /// Evaluates tasks whose requests are already built (`prepared[i]` of `tasks[i]`, from
+    /// [`prepare_task`] with the same `opts`).
+    pub fn evaluate_prepared(
+        &mut self,
+        tasks: &[Box<dyn Task>],
+        prepared: &[Prepared],
+        opts: &EvalOptions,
+        backend: &mut dyn LmBackend,
+        progress: Progress<'_>,
+    ) -> Result<Results> {
+        if tasks.len() != prepared.len() {
+            return Err(EvalError::Option(format!(
+                "{} tasks but {} prepared request sets",
+                tasks.len(),
+                prepared.len()
+            )));
+        }
         let mut stats = RequestStats::default();
         let mut pending: Vec<&Request> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for p in &prepared {
+        for p in prepared {
             for inst in &p.instances {
                 for r in &inst.requests {
                     stats.total += 1;
@@ -165,7 +213,7 @@ impl Evaluator {
         self.answer(pending, backend, progress)?;
 
         let mut results = BTreeMap::new();
-        for (task, p) in tasks.iter().zip(&prepared) {
+        for (task, p) in tasks.iter().zip(prepared) {
             results.insert(task.name().to_string(), self.score(task.as_ref(), p, opts)?);
         }
         Ok(Results {

@@ -12,7 +12,8 @@ they are taken from emend's dump instead of being sampled again) and the key sta
           last token;
     v*  = v + δ, δ optimised with Adam so the model predicts target_new (NLL averaged over the
           templates), plus the KL term on "{subject} is a" and weight decay ‖δ‖/‖v‖², clamped to
-          clamp_norm_factor·‖v‖, stopping once the loss is below 5e-2;
+          clamp_norm_factor·‖v‖, stopping once the NLL is below 5e-2 (emend's rule; ROME's
+          reference stops on the total loss, which overshoots on this model);
     Δ   = (v* − v) ⊗ (C⁻¹k* / ‖C⁻¹k*‖) / (k · C⁻¹k*/‖C⁻¹k*‖),  k, v: the plain prompt's key/value.
 
 It then compares Δ with emend's (cosine of the matrices) and writes the fixture that
@@ -146,7 +147,7 @@ def rome(model, tok, req, templates, layer, hp, inv_cov):
             wd = hp["v_weight_decay"] * delta.norm() / init_norm**2
             loss = nll + hp["kl_factor"] * kl + wd
             curve.append({"nll": nll.item(), "loss": loss.item()})
-            if loss.item() < 5e-2 or step + 1 == hp["v_steps"]:
+            if nll.item() < 5e-2 or step + 1 == hp["v_steps"]:
                 break
             loss.backward()
             opt.step()

@@ -35,7 +35,7 @@ pub struct JobList {
     pub jobs: Vec<Job>,
 }
 
-#[utoipa::path(post, path = "/v1/evaluations", tag = "evaluations", request_body = NewEvaluation,
+#[utoipa::path(post, operation_id = "create_evaluation", path = "/v1/evaluations", tag = "evaluations", request_body = NewEvaluation,
     responses((status = 202, description = "Queued", body = Job), (status = 422, body = Problem),
               (status = 429, body = Problem)))]
 async fn create(
@@ -49,7 +49,7 @@ async fn create(
         .json(job))
 }
 
-#[utoipa::path(get, path = "/v1/evaluations", tag = "evaluations",
+#[utoipa::path(get, operation_id = "list_evaluations", path = "/v1/evaluations", tag = "evaluations",
     params(("offset" = Option<u64>, Query, minimum = 0, description = "jobs to skip (default 0)"),
            ("limit" = Option<u64>, Query, minimum = 1, maximum = 1000, description = "jobs to return (default 100)")),
     responses((status = 200, body = JobList), (status = 422, body = Problem)))]
@@ -68,7 +68,7 @@ async fn list(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/evaluations/{id}", tag = "evaluations", params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "get_evaluation", path = "/v1/evaluations/{id}", tag = "evaluations", params(("id" = String, Path)),
     responses((status = 200, body = Job), (status = 404, body = Problem)))]
 async fn get(
     state: web::Data<AppState>,
@@ -78,7 +78,7 @@ async fn get(
     Ok(web::Json(state.jobs.get(&tenant.0, &id).await?))
 }
 
-#[utoipa::path(delete, path = "/v1/evaluations/{id}", tag = "evaluations", params(("id" = String, Path)),
+#[utoipa::path(delete, operation_id = "cancel_evaluation", path = "/v1/evaluations/{id}", tag = "evaluations", params(("id" = String, Path)),
     responses((status = 200, description = "Cancelled", body = Job),
               (status = 202, description = "Running: cancelled after the chunk in hand", body = Job),
               (status = 404, body = Problem), (status = 409, description = "Already finished", body = Problem)))]

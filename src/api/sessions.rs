@@ -80,7 +80,7 @@ impl From<Session> for SessionDto {
 
 pub const MAX_NAME: usize = 128;
 
-#[utoipa::path(post, path = "/v1/sessions", tag = "sessions", request_body = CreateSession,
+#[utoipa::path(post, operation_id = "create_session", path = "/v1/sessions", tag = "sessions", request_body = CreateSession,
     responses((status = 201, body = SessionDto), (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn create(
     state: web::Data<AppState>,
@@ -112,7 +112,7 @@ async fn create(
         .json(SessionDto::from(s)))
 }
 
-#[utoipa::path(get, path = "/v1/sessions", tag = "sessions", responses((status = 200, body = SessionList)))]
+#[utoipa::path(get, operation_id = "list_sessions", path = "/v1/sessions", tag = "sessions", responses((status = 200, body = SessionList)))]
 async fn list(state: web::Data<AppState>, tenant: Tenant) -> web::Json<SessionList> {
     web::Json(SessionList {
         sessions: state
@@ -124,7 +124,7 @@ async fn list(state: web::Data<AppState>, tenant: Tenant) -> web::Json<SessionLi
     })
 }
 
-#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "get_session", path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path)),
     responses((status = 200, body = SessionDto), (status = 404, body = Problem)))]
 async fn get(
     state: web::Data<AppState>,
@@ -134,7 +134,7 @@ async fn get(
     Ok(web::Json(state.sessions.get(&tenant.0, &id)?.into()))
 }
 
-#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path)),
+#[utoipa::path(delete, operation_id = "delete_session", path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = Problem)))]
 async fn delete(
     state: web::Data<AppState>,

@@ -36,7 +36,7 @@ pub struct SweepList {
     pub sweeps: Vec<Sweep>,
 }
 
-#[utoipa::path(post, path = "/v1/sweeps", tag = "sweeps", request_body = NewSweep,
+#[utoipa::path(post, operation_id = "create_sweep", path = "/v1/sweeps", tag = "sweeps", request_body = NewSweep,
     responses((status = 202, description = "Queued", body = Sweep), (status = 422, body = Problem),
               (status = 429, body = Problem)))]
 async fn create(
@@ -50,7 +50,7 @@ async fn create(
         .json(sweep))
 }
 
-#[utoipa::path(get, path = "/v1/sweeps", tag = "sweeps",
+#[utoipa::path(get, operation_id = "list_sweeps", path = "/v1/sweeps", tag = "sweeps",
     params(("offset" = Option<u64>, Query, minimum = 0, description = "sweeps to skip (default 0)"),
            ("limit" = Option<u64>, Query, minimum = 1, maximum = 1000, description = "sweeps to return (default 100)")),
     responses((status = 200, body = SweepList), (status = 422, body = Problem)))]
@@ -69,7 +69,7 @@ async fn list(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/sweeps/{id}", tag = "sweeps", params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "get_sweep", path = "/v1/sweeps/{id}", tag = "sweeps", params(("id" = String, Path)),
     responses((status = 200, body = Sweep), (status = 404, body = Problem)))]
 async fn get(
     state: web::Data<AppState>,
@@ -79,7 +79,7 @@ async fn get(
     Ok(web::Json(state.jobs.get_sweep(&tenant.0, &id).await?))
 }
 
-#[utoipa::path(delete, path = "/v1/sweeps/{id}", tag = "sweeps", params(("id" = String, Path)),
+#[utoipa::path(delete, operation_id = "cancel_sweep", path = "/v1/sweeps/{id}", tag = "sweeps", params(("id" = String, Path)),
     responses((status = 200, description = "Cancelled", body = Sweep),
               (status = 202, description = "Running: cancelled after the edit or chunk in hand", body = Sweep),
               (status = 404, body = Problem), (status = 409, description = "Already finished", body = Problem)))]
@@ -97,7 +97,7 @@ async fn cancel(
     })
 }
 
-#[utoipa::path(get, path = "/v1/sweeps/{id}/curve", tag = "sweeps",
+#[utoipa::path(get, operation_id = "sweep_curve", path = "/v1/sweeps/{id}/curve", tag = "sweeps",
     params(("id" = String, Path),
            ("format" = Option<String>, Query, description = "`json` (default), `csv` or `svg`")),
     responses((status = 200, description = "The finished checkpoints: JSON `{columns, rows}`, CSV, or an SVG chart of the 0–1 metrics against the number of edits",

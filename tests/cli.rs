@@ -279,6 +279,7 @@ fn sweep_writes_its_curve() {
     assert_eq!(lines.len(), 3, "{csv}");
     assert!(lines[0].starts_with("n_edits,version,edit."), "{csv}");
     assert!(lines[0].contains(",edit.reliability,"), "{csv}");
+    assert!(lines[0].contains(",edit_at_apply.reliability,"), "{csv}");
     assert!(lines[0].contains("arc_easy.acc"), "{csv}");
     assert!(lines[2].starts_with("1,1,"), "{csv}");
     assert_eq!(String::from_utf8(o.stdout).unwrap(), csv);

@@ -597,7 +597,15 @@ async fn a_sweep_edits_one_by_one_and_evaluates_each_checkpoint() {
         reliability.push(e["reports"][0]["post"]["reliability"].as_f64().unwrap());
     }
     let mean = (reliability[0] + reliability[1]) / 2.0;
-    assert_eq!(curve[1]["edit"]["reliability"].as_f64().unwrap(), mean);
+    assert_eq!(
+        curve[1]["edit_at_apply"]["reliability"].as_f64().unwrap(),
+        mean
+    );
+    // Retention: both edits measured again on version 2, locality against the base model.
+    for k in ["reliability", "generalization", "locality"] {
+        let x = curve[1]["edit"][k].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&x), "edit.{k} = {x}: {sweep}");
+    }
 
     // Checkpoint 0 is the base model: the in-process score.
     let m = common::default_model();

@@ -95,6 +95,33 @@ fn decode(model: &dyn CausalLm, ids: &[u32], b: usize, t: usize, steps: usize) -
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// The CPU's model name, for the machine line of a benchmark table.
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|x| x.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// User + system CPU seconds this process has used (`/proc/self/stat`, in clock ticks of
+/// 1/100 s, the Linux default).
+pub fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -191,15 +218,7 @@ fn render(
     model: &std::path::Path,
 ) -> String {
     let mut s = String::new();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|x| x.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = cpu_name();
     s.push_str(&format!(
         "Machine: {cpu}, {} threads. Model: `{}`. Workload: {}-token prompts, {} decode steps, median of {} runs.\n\n",
         ours.threads,

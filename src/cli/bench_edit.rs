@@ -319,15 +319,7 @@ fn render(
     rss: f64,
     peer: Option<&Value>,
 ) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = super::bench::cpu_name();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let peer_name = peer.map_or("—".to_string(), |p| {
         format!(

@@ -15,6 +15,7 @@ use emend::setup;
 
 mod bench;
 mod bench_edit;
+mod bench_eval;
 mod edit;
 mod eval;
 mod serve;
@@ -70,6 +71,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Measure editing: statistics, ROME, MEMIT, FT-M, sequential edits, overlays at depth.
     BenchEdit(bench_edit::BenchEditArgs),
+    /// Measure evaluation: task slices timed beside lm-evaluation-harness's report.
+    BenchEval(bench_eval::BenchEvalArgs),
     /// Run the HTTP server (sessions, generation, scoring, OpenAI-compatible routes).
     Serve(serve::ServeArgs),
     /// Print the OpenAPI document (`emend openapi > openapi/openapi.json`).
@@ -295,6 +298,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => bench::run(&g, a)?,
         Command::BenchEdit(a) => bench_edit::run(&g, a)?,
+        Command::BenchEval(a) => bench_eval::run(&g, a)?,
         Command::Serve(a) => serve::run(&g, a)?,
         Command::Openapi => print!("{}", emend::api::openapi::json()),
         Command::Edit(a) => edit::run_edit(&g, a)?,

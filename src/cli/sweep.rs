@@ -14,7 +14,9 @@ use emend::engine::editing::datasets::{self, EditDataset};
 use emend::engine::editing::{self, EditContext, MeasureOptions, Method};
 use emend::engine::eval::{evaluate, get_task, EvalOptions, ModelBackend};
 use emend::engine::overlay::{Edited, Overlay};
-use emend::jobs::sweep::{curve_csv, curve_json, curve_svg, headline_metrics, mean_post_metrics};
+use emend::jobs::sweep::{
+    curve_csv, curve_json, curve_svg, headline_metrics, mean_metrics, mean_post_metrics,
+};
 use emend::jobs::CurveRow;
 
 use super::{load, Global};
@@ -141,10 +143,17 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
             .iter()
             .map(|(t, r)| Ok((t.clone(), headline_metrics(&serde_json::to_value(r)?))))
             .collect::<Result<_>>()?;
+        let retained = editing::remeasure(m.model.as_ref(), &edited, &m.tokenizer, &records[..c])
+            .with_context(|| format!("re-measuring the edits at checkpoint {c}"))?;
+        let retained: Vec<serde_json::Value> = retained
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<std::result::Result<_, _>>()?;
         rows.push(CurveRow {
             n_edits: c,
             version: overlay.depth() as u64,
-            edit: mean_post_metrics(&reports),
+            edit: mean_metrics(&retained),
+            edit_at_apply: mean_post_metrics(&reports),
             tasks,
             finished_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
         });

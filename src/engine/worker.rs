@@ -14,7 +14,7 @@ use super::editing::{self, EditError, EditRequest, EditStep, EditingEnv, Measure
 use super::eval::engine::{EvalAnswers, EvalWork};
 use super::model::generate::{generate_each, GenParams, Generation};
 use super::model::loader::ModelInfo;
-use super::model::score::{loglikelihood, score_tokens_top, Loglikelihood, TokenScores};
+use super::model::score::{loglikelihood, score_tokens_top, Loglikelihood, PrefixKv, TokenScores};
 use super::model::{LoadedModel, ModelError, Tok};
 use super::overlay::{Edited, Overlay, PreparedOverlay};
 use crate::metrics::Metrics;
@@ -355,6 +355,9 @@ impl Engine {
 struct OverlayCache {
     entries: VecDeque<((String, u64), Arc<PreparedOverlay>)>,
     capacity: usize,
+    /// The last shared evaluation context's KV cache (one MMLU subject's few-shot prefix
+    /// spans many evaluation chunks).
+    prefix_kv: PrefixKv,
 }
 
 impl OverlayCache {
@@ -384,6 +387,7 @@ fn worker(shared: Arc<Shared>, model: LoadedModel, env: EditingEnv) {
     let mut overlays = OverlayCache {
         entries: VecDeque::new(),
         capacity: 16,
+        prefix_kv: PrefixKv::default(),
     };
     let edit_ctx = editing::EditContext::new(env, &model.info);
     loop {
@@ -489,8 +493,22 @@ fn run_batch(
             return;
         }
     };
+    let view_key = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        view_of(&live[0].work).key().hash(&mut h);
+        h.finish()
+    };
+    overlays.prefix_kv.retarget(view_key);
     let edited = Edited::new(model.model.as_ref(), prepared);
-    run_on(&edited, model, shared, edit_ctx, live);
+    run_on(
+        &edited,
+        model,
+        shared,
+        edit_ctx,
+        live,
+        &mut overlays.prefix_kv,
+    );
 }
 
 /// Answers a piece of work with an error.
@@ -520,6 +538,7 @@ fn run_on(
     shared: &Shared,
     edit_ctx: &editing::EditContext,
     live: Vec<Queued>,
+    prefix_kv: &mut PrefixKv,
 ) {
     let metrics = &shared.metrics;
     let tok = &model.tokenizer;
@@ -642,7 +661,13 @@ fn run_on(
                     .with_label_values(&[work.kind()])
                     .inc_by(work.len() as u64);
                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    work.answer(lm, tok, shared.limits.token_budget)
+                    work.answer(
+                        model.model.as_ref(),
+                        lm,
+                        tok,
+                        shared.limits.token_budget,
+                        prefix_kv,
+                    )
                 }));
                 let r = match r {
                     Ok(r) => r,

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::engine::editing::datasets::{self, EditDataset};
 use crate::engine::editing::{self, MeasureOptions, Method};
-use crate::engine::eval::EvalError;
+use crate::engine::eval::{EngineBackend, EvalError};
 use crate::engine::worker::{EngineError, Lane, ModelView, Work};
 use crate::store::JobRow;
 
@@ -79,9 +79,13 @@ pub struct CurveRow {
     pub n_edits: usize,
     /// The session version evaluated.
     pub version: u64,
-    /// The edits' post-edit metrics (reliability, generalization, locality, …), each measured
-    /// right after its edit as the edit route reports it, averaged over the edits so far.
+    /// Retention: every edit so far measured again on this checkpoint's model (reliability,
+    /// generalization, locality against the base model, …), averaged over the edits.
     pub edit: BTreeMap<String, f64>,
+    /// The same metrics as each edit's route reported them right after it was applied,
+    /// averaged over the edits so far (what the edit achieved, before later edits).
+    #[serde(default)]
+    pub edit_at_apply: BTreeMap<String, f64>,
     /// Per task, its metrics (standard errors left out; the full results are not kept).
     #[schema(value_type = Object)]
     pub tasks: BTreeMap<String, BTreeMap<String, f64>>,
@@ -424,10 +428,17 @@ pub(super) async fn run(
             Err(e) => return Ok(Err(backend(format!("the sweep's session: {e}")))),
         };
         let version = view.version;
-        let edit = match edit_means(jobs, tenant, &sid, version) {
+        let edit_at_apply = match edit_means(jobs, tenant, &sid, version) {
             Ok(m) => m,
             Err(e) => return Ok(Err(backend(e))),
         };
+        let edit = match retention(jobs, view.clone(), records[..c].to_vec()).await {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(e)),
+        };
+        if flag.load(Ordering::Relaxed) {
+            return Ok(Err(EvalError::Cancelled));
+        }
         let results = match evaluate_at(
             jobs,
             view,
@@ -448,6 +459,7 @@ pub(super) async fn run(
             n_edits: c,
             version,
             edit,
+            edit_at_apply,
             tasks,
             finished_at: now(),
         });
@@ -493,12 +505,40 @@ fn edit_means(
     Ok(mean_post_metrics(&reports))
 }
 
+/// The requests' metrics re-measured on `view` (on a thread of its own: the engine backend
+/// blocks), averaged.
+async fn retention(
+    jobs: &Jobs,
+    view: ModelView,
+    requests: Vec<editing::EditRequest>,
+) -> Result<BTreeMap<String, f64>, EvalError> {
+    if requests.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let b = EngineBackend::new(jobs.engine.clone(), view, jobs.cfg.patience);
+    let metrics = tokio::task::spawn_blocking(move || b.remeasure(&requests))
+        .await
+        .map_err(backend)??;
+    Ok(mean_metrics(
+        &metrics
+            .iter()
+            .map(|m| serde_json::to_value(m).unwrap_or_default())
+            .collect::<Vec<_>>(),
+    ))
+}
+
 /// Means of the numeric `post` metrics of edit reports (as JSON), each over the reports that
 /// have it.
 pub fn mean_post_metrics(reports: &[Value]) -> BTreeMap<String, f64> {
+    let posts: Vec<Value> = reports.iter().map(|r| r["post"].clone()).collect();
+    mean_metrics(&posts)
+}
+
+/// Means of the numeric fields of metric objects (as JSON), each over the objects that have it.
+pub fn mean_metrics(metrics: &[Value]) -> BTreeMap<String, f64> {
     let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-    for report in reports {
-        for (k, x) in report["post"].as_object().into_iter().flatten() {
+    for m in metrics {
+        for (k, x) in m.as_object().into_iter().flatten() {
             if let Some(f) = x.as_f64() {
                 let e = sums.entry(k.clone()).or_default();
                 e.0 += f;
@@ -561,15 +601,18 @@ async fn evaluate_at(
 /// Column names of a curve: `n_edits`, `version`, `edit.<metric>`, `<task>.<metric>`.
 pub fn curve_columns(rows: &[CurveRow]) -> Vec<String> {
     let mut edit = BTreeSet::new();
+    let mut at_apply = BTreeSet::new();
     let mut tasks = BTreeSet::new();
     for r in rows {
         edit.extend(r.edit.keys().map(|k| format!("edit.{k}")));
+        at_apply.extend(r.edit_at_apply.keys().map(|k| format!("edit_at_apply.{k}")));
         for (t, m) in &r.tasks {
             tasks.extend(m.keys().map(|k| format!("{t}.{k}")));
         }
     }
     let mut cols = vec!["n_edits".to_string(), "version".to_string()];
     cols.extend(edit);
+    cols.extend(at_apply);
     cols.extend(tasks);
     cols
 }
@@ -580,6 +623,9 @@ fn cell(r: &CurveRow, col: &str) -> Option<f64> {
         "version" => Some(r.version as f64),
         _ => match col.strip_prefix("edit.") {
             Some(k) => r.edit.get(k).copied(),
+            None if col.starts_with("edit_at_apply.") => {
+                r.edit_at_apply.get(&col["edit_at_apply.".len()..]).copied()
+            }
             None => {
                 let (t, m) = col.split_once('.')?;
                 r.tasks.get(t)?.get(m).copied()
@@ -727,6 +773,7 @@ mod tests {
             } else {
                 [("reliability".to_string(), rel)].into()
             },
+            edit_at_apply: BTreeMap::new(),
             tasks: [(
                 "arc_easy".to_string(),
                 [("acc".to_string(), acc), ("perplexity".to_string(), ppl)].into(),

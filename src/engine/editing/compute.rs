@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 use super::metrics::measure;
 use super::stats::StatsCache;
 use super::{
-    ft, hparams, memit, rome, validate, EditError, EditReport, EditRequest, EditStep, EditingEnv,
-    FtHparams, MemitHparams, Method, RomeHparams,
+    ft, hparams, memit, rome, validate, EditError, EditMetrics, EditReport, EditRequest, EditStep,
+    EditingEnv, FtHparams, MemitHparams, Method, RomeHparams,
 };
 use crate::engine::model::loader::ModelInfo;
 use crate::engine::model::{CausalLm, LoadedModel, Tok};
@@ -170,4 +170,20 @@ pub fn apply(
         view = after;
     }
     Ok(steps)
+}
+
+/// Earlier edits' metrics measured again on `edited`: the retention a sweep's checkpoint
+/// reports (does the model still hold what each edit taught it, after the edits since?).
+/// Locality compares with the `base` model's predictions, as EasyEdit's sequential evaluation
+/// does; fluency is not measured.
+pub fn remeasure(
+    base: &dyn CausalLm,
+    edited: &dyn CausalLm,
+    tok: &Tok,
+    requests: &[EditRequest],
+) -> Result<Vec<EditMetrics>, EditError> {
+    let reqs: Vec<&EditRequest> = requests.iter().collect();
+    let pre = measure(base, tok, &reqs, None, false)?;
+    let post = measure(edited, tok, &reqs, Some(&pre), false)?;
+    Ok(post.into_iter().map(|m| m.metrics).collect())
 }

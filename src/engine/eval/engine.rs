@@ -9,6 +9,8 @@ use tokio::sync::oneshot;
 
 use super::error::{EvalError, Result};
 use super::request::{GenRequest, LmBackend, ModelBackend};
+use crate::engine::editing::{self, EditMetrics, EditRequest};
+use crate::engine::model::score::PrefixKv;
 use crate::engine::model::{CausalLm, Tok};
 use crate::engine::worker::{Engine, EngineError, Lane, ModelView, Work};
 
@@ -21,6 +23,8 @@ pub enum EvalWork {
     Loglikelihood(Vec<(String, String)>),
     Rolling(Vec<String>),
     Generate(Vec<GenRequest>),
+    /// Earlier edits' metrics on this view (a sweep checkpoint's retention).
+    Remeasure(Vec<EditRequest>),
 }
 
 /// The answers to an [`EvalWork`], in request order.
@@ -29,6 +33,7 @@ pub enum EvalAnswers {
     Loglikelihood(Vec<(f64, bool)>),
     Rolling(Vec<(f64, usize)>),
     Text(Vec<String>),
+    Metrics(Vec<EditMetrics>),
 }
 
 impl EvalWork {
@@ -38,6 +43,7 @@ impl EvalWork {
             Self::Loglikelihood(_) => "loglikelihood",
             Self::Rolling(_) => "loglikelihood_rolling",
             Self::Generate(_) => "generate_until",
+            Self::Remeasure(_) => "edit_metrics",
         }
     }
 
@@ -46,6 +52,7 @@ impl EvalWork {
             Self::Loglikelihood(v) => v.len(),
             Self::Rolling(v) => v.len(),
             Self::Generate(v) => v.len(),
+            Self::Remeasure(v) => v.len(),
         }
     }
 
@@ -53,23 +60,36 @@ impl EvalWork {
         self.len() == 0
     }
 
-    /// Answers the chunk on `lm` (the engine thread calls this with the view's edited model).
+    /// Answers the chunk on `lm` (the engine thread calls this with the view's edited model;
+    /// `base` is the unedited one). `prefix_kv` is the engine's shared-context cache, already
+    /// pointed at this view.
     pub fn answer(
         &self,
+        base: &dyn CausalLm,
         lm: &dyn CausalLm,
         tok: &Tok,
         token_budget: usize,
+        prefix_kv: &mut PrefixKv,
     ) -> std::result::Result<EvalAnswers, EngineError> {
         let mut b = ModelBackend {
             model: lm,
             tok,
             token_budget,
+            prefix_kv: std::mem::take(prefix_kv),
         };
+        if let Self::Remeasure(reqs) = self {
+            *prefix_kv = std::mem::take(&mut b.prefix_kv);
+            return editing::remeasure(base, lm, tok, reqs)
+                .map(EvalAnswers::Metrics)
+                .map_err(EngineError::Edit);
+        }
         let r = match self {
             Self::Loglikelihood(p) => b.loglikelihood(p).map(EvalAnswers::Loglikelihood),
             Self::Rolling(t) => b.loglikelihood_rolling(t).map(EvalAnswers::Rolling),
             Self::Generate(g) => b.generate_until(g).map(EvalAnswers::Text),
+            Self::Remeasure(_) => unreachable!("answered above"),
         };
+        *prefix_kv = std::mem::take(&mut b.prefix_kv);
         r.map_err(|e| match e {
             EvalError::Model(m) => EngineError::Model(m),
             other => EngineError::Failed(other.to_string()),
@@ -113,6 +133,23 @@ impl EngineBackend {
                 "the engine stopped before answering".into(),
             )),
         }
+    }
+}
+
+/// Edit requests per engine call when re-measuring (each is a dozen short sequences, twice).
+pub const REMEASURE_CHUNK: usize = 8;
+
+impl EngineBackend {
+    /// [`editing::remeasure`] of `requests` on this view, a chunk per engine call.
+    pub fn remeasure(&self, requests: &[EditRequest]) -> Result<Vec<EditMetrics>> {
+        let mut out = Vec::with_capacity(requests.len());
+        for chunk in requests.chunks(REMEASURE_CHUNK) {
+            match self.call(EvalWork::Remeasure(chunk.to_vec()))? {
+                EvalAnswers::Metrics(v) => out.extend(v),
+                _ => return Err(mismatch()),
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::error::{EvalError, Result};
 use crate::engine::model::generate::{generate, GenParams};
 use crate::engine::model::sampling::Sampling;
-use crate::engine::model::score::{self, DEFAULT_TOKEN_BUDGET};
+use crate::engine::model::score::{self, PrefixKv, DEFAULT_TOKEN_BUDGET};
 use crate::engine::model::{CausalLm, Tok};
 
 /// lm-eval's default `max_gen_toks` for `generate_until`.
@@ -85,6 +85,8 @@ pub struct ModelBackend<'a> {
     pub tok: &'a Tok,
     /// Tokens per scoring forward pass.
     pub token_budget: usize,
+    /// The last shared context's KV cache, reused by the next call (`model` never changes).
+    pub prefix_kv: PrefixKv,
 }
 
 impl<'a> ModelBackend<'a> {
@@ -93,13 +95,20 @@ impl<'a> ModelBackend<'a> {
             model,
             tok,
             token_budget: DEFAULT_TOKEN_BUDGET,
+            prefix_kv: PrefixKv::default(),
         }
     }
 }
 
 impl LmBackend for ModelBackend<'_> {
     fn loglikelihood(&mut self, requests: &[(String, String)]) -> Result<Vec<(f64, bool)>> {
-        let out = score::loglikelihood(self.model, self.tok, requests, self.token_budget)?;
+        let out = score::loglikelihood_shared(
+            self.model,
+            self.tok,
+            requests,
+            self.token_budget,
+            Some(&mut self.prefix_kv),
+        )?;
         Ok(out.into_iter().map(|l| (l.logprob, l.is_greedy)).collect())
     }
 

@@ -16,6 +16,10 @@ use super::tasks::{get_task, Prepared, Task, TaskOptions, FEWSHOT_SEED};
 /// Loglikelihood pairs per backend call (one progress step each).
 const LOGLIKELIHOOD_CHUNK: usize = 32;
 
+/// Context bytes that decide which requests are sent together (longer than a question, shorter
+/// than a few-shot prefix).
+const CLUSTER_PREFIX_BYTES: usize = 256;
+
 #[derive(Debug, Clone, Default)]
 pub struct EvalOptions {
     pub limit: Option<usize>,
@@ -243,8 +247,25 @@ impl Evaluator {
                 Request::GenerateUntil(g) => gens.push((r, g.clone())),
             }
         }
-        // Longest first, so each chunk holds sequences of similar length (less padding).
-        ll.sort_by_key(|(_, (c, x))| std::cmp::Reverse(c.len() + x.len()));
+        // Requests whose contexts start alike (a subject's few-shot examples, a question's
+        // choices) go together, so the backend computes the shared prefix once per run of
+        // chunks; within a cluster, and among the rest, longest first (less padding).
+        let cluster = |c: &str| -> String {
+            let mut end = c.len().min(CLUSTER_PREFIX_BYTES);
+            while !c.is_char_boundary(end) {
+                end -= 1;
+            }
+            c[..end].to_string()
+        };
+        let mut sizes: HashMap<String, usize> = HashMap::new();
+        for (_, (c, _)) in &ll {
+            *sizes.entry(cluster(c)).or_default() += 1;
+        }
+        ll.sort_by_cached_key(|(_, (c, x))| {
+            let k = cluster(c);
+            let k = if sizes[&k] > 1 { k } else { String::new() };
+            (k, std::cmp::Reverse(c.len() + x.len()))
+        });
         if !progress(done, total) {
             return Err(EvalError::Cancelled);
         }

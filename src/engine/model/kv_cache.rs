@@ -8,6 +8,8 @@ use super::Result;
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     pad_left: Vec<usize>,
+    /// A shared prefix read by a batch: one row broadcast to every row, never appended to.
+    frozen: bool,
 }
 
 impl KvCache {
@@ -15,6 +17,7 @@ impl KvCache {
         Self {
             layers: vec![None; n_layers],
             pad_left: Vec::new(),
+            frozen: false,
         }
     }
 
@@ -48,12 +51,50 @@ impl KvCache {
         k: Tensor,
         v: Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        if self.frozen {
+            let Some((pk, pv)) = &self.layers[layer] else {
+                return Ok((k, v));
+            };
+            let (pk, pv) = if pk.dim(0)? == 1 && k.dim(0)? > 1 {
+                let (b, h, _, d) = k.dims4()?;
+                let p = pk.dim(2)?;
+                (
+                    pk.broadcast_as((b, h, p, d))?,
+                    pv.broadcast_as((b, h, p, d))?,
+                )
+            } else {
+                (pk.clone(), pv.clone())
+            };
+            return Ok((Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?));
+        }
         let (k, v) = match self.layers[layer].take() {
             None => (k.contiguous()?, v.contiguous()?),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         Ok((k, v))
+    }
+
+    /// A read-only view of this one-row cache for a batch of `batch` rows continuing it: each
+    /// forward sees the prefix's keys and values broadcast, and nothing is appended, so one
+    /// prefix serves any number of batches without copies.
+    pub fn frozen_prefix(&self, batch: usize) -> Self {
+        Self {
+            layers: self.layers.clone(),
+            pad_left: vec![0; batch],
+            frozen: true,
+        }
+    }
+
+    /// Keeps the first `len` positions.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            if k.dim(2)? > len {
+                *k = k.narrow(2, 0, len)?;
+                *v = v.narrow(2, 0, len)?;
+            }
+        }
+        Ok(())
     }
 
     /// Keeps only the given batch rows (finished sequences leave the batch).

@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::hooks::gather_rows;
-use super::{CausalLm, Forward, ModelError, Result, Tok};
+use super::{CausalLm, Forward, KvCache, ModelError, Result, Tok};
 
 /// Tokens per forward pass when scoring a batch (padding included).
 pub const DEFAULT_TOKEN_BUDGET: usize = 4096;
@@ -51,6 +51,57 @@ pub fn score_tokens_top(
     top_n: usize,
     budget: usize,
 ) -> Result<Vec<TokenScores>> {
+    score_tokens_shared(model, seqs, from, top_n, budget, None)
+}
+
+/// Shortest common prefix worth a forward pass of its own; shorter ones are recomputed per row.
+pub const MIN_SHARED_PREFIX: usize = 16;
+
+/// The most recent shared prefix's keys and values, kept between calls on the same model so
+/// that an evaluation sending one MMLU subject's questions in several chunks computes the
+/// subject's few-shot prefix once. The entry remembers which model (a session version) made
+/// it and is only reused for that model.
+#[derive(Default)]
+pub struct PrefixKv {
+    model: u64,
+    entry: Option<(u64, Vec<u32>, KvCache)>,
+    /// Prefix tokens served from this cache instead of recomputed (a diagnostic).
+    pub reused_tokens: usize,
+    /// Prefix tokens run once for a group of inputs sharing them (a diagnostic).
+    pub prefix_tokens: usize,
+}
+
+impl PrefixKv {
+    /// Names the model the next calls run on (an entry made by another model is not reused).
+    pub fn retarget(&mut self, key: u64) {
+        self.model = key;
+    }
+
+    /// The cached prefix's agreement with `tokens[..limit]`, if it is worth reusing.
+    fn hit(&self, tokens: &[u32], limit: usize) -> Option<(usize, &KvCache)> {
+        let (model, cached, cache) = self.entry.as_ref()?;
+        let m = common_prefix(cached, &tokens[..limit]);
+        (*model == self.model && m >= MIN_SHARED_PREFIX).then_some((m, cache))
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// [`score_tokens_top`], computing shared work once: sequences whose inputs are identical
+/// (the one-token choices of a multiple-choice question) are run once, and sequences that
+/// share a long prefix (a few-shot context, a question's context before its choices) run the
+/// prefix once and continue from its KV cache. `prefix_kv` carries the last prefix across calls.
+/// Results equal the plain batched pass up to float reassociation (~1e-5 per token).
+pub fn score_tokens_shared(
+    model: &dyn CausalLm,
+    seqs: &[Vec<u32>],
+    from: &[usize],
+    top_n: usize,
+    budget: usize,
+    prefix_kv: Option<&mut PrefixKv>,
+) -> Result<Vec<TokenScores>> {
     assert_eq!(seqs.len(), from.len());
     let ctx = model.spec().context_length;
     for (s, &f) in seqs.iter().zip(from) {
@@ -67,84 +118,221 @@ pub fn score_tokens_top(
             });
         }
     }
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
-    let mut out: Vec<Option<TokenScores>> = vec![None; seqs.len()];
-    let mut start = 0;
-    while start < order.len() {
-        let width = seqs[order[start]].len() - 1;
-        let per_batch = (budget / width.max(1)).max(1);
-        let chunk = &order[start..(start + per_batch).min(order.len())];
-        let scored = score_batch(
-            model,
-            chunk.iter().map(|&i| (&seqs[i], from[i])).collect(),
-            top_n,
-        )?;
-        for (&i, s) in chunk.iter().zip(scored) {
-            out[i] = Some(s);
-        }
-        start += chunk.len();
+    // Distinct inputs (a sequence's tokens but its last), each with the first position whose
+    // logits some sequence needs.
+    let mut index: std::collections::HashMap<&[u32], usize> = Default::default();
+    let mut inputs: Vec<Input<'_>> = Vec::new();
+    let mut users: Vec<Vec<usize>> = Vec::new();
+    for (i, (s, &f)) in seqs.iter().zip(from).enumerate() {
+        let tokens = &s[..s.len() - 1];
+        let u = *index.entry(tokens).or_insert_with(|| {
+            inputs.push(Input {
+                tokens,
+                first: f - 1,
+            });
+            users.push(Vec::new());
+            inputs.len() - 1
+        });
+        inputs[u].first = inputs[u].first.min(f - 1);
+        users[u].push(i);
     }
+    let mut out: Vec<Option<TokenScores>> = vec![None; seqs.len()];
+    let mut on_logits = |u: usize, logits: Tensor| -> Result<()> {
+        for &i in &users[u] {
+            let (seq, f) = (&seqs[i], from[i]);
+            let rows = logits.narrow(0, f - 1 - inputs[u].first, seq.len() - f)?;
+            out[i] = Some(pick(&rows, &seq[f..], top_n)?);
+        }
+        Ok(())
+    };
+    run_inputs(model, &inputs, budget, prefix_kv, &mut on_logits)?;
     Ok(out
         .into_iter()
         .map(|s| s.expect("every sequence scored"))
         .collect())
 }
 
-/// One right-padded forward pass: causal attention means padding after a sequence never
-/// influences its real positions.
-fn score_batch(
+/// One distinct input: its tokens, and the first position whose logits are wanted.
+#[derive(Clone, Copy)]
+struct Input<'s> {
+    tokens: &'s [u32],
+    first: usize,
+}
+
+/// Runs every input, handing `on_logits(u, rows)` the f32 logits of positions
+/// `first..tokens.len()` of input `u`.
+fn run_inputs(
     model: &dyn CausalLm,
-    items: Vec<(&Vec<u32>, usize)>,
-    top_n: usize,
-) -> Result<Vec<TokenScores>> {
+    inputs: &[Input<'_>],
+    budget: usize,
+    mut prefix_kv: Option<&mut PrefixKv>,
+    on_logits: &mut dyn FnMut(usize, Tensor) -> Result<()>,
+) -> Result<()> {
+    // Lexicographic order puts inputs sharing a prefix next to each other. A group grows while
+    // the tokens it saves (one prefix pass for all members) outweigh what a shorter shared
+    // prefix costs the members already in it: n·l' > (n−1)·l.
+    let mut order: Vec<usize> = (0..inputs.len()).collect();
+    order.sort_by(|&a, &b| inputs[a].tokens.cmp(inputs[b].tokens));
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for &u in &order {
+        let x = inputs[u];
+        if let Some((l, g)) = groups.last_mut() {
+            let lead = inputs[g[0]].tokens;
+            let shared = (*l).min(common_prefix(lead, x.tokens)).min(x.first);
+            let n = g.len();
+            if shared >= MIN_SHARED_PREFIX && n * shared > (n - 1) * *l {
+                *l = shared;
+                g.push(u);
+                continue;
+            }
+        }
+        groups.push((x.first, vec![u]));
+    }
+    let mut plain = Vec::new();
+    for (l, g) in groups {
+        let lead = inputs[g[0]].tokens;
+        let hit = if l >= MIN_SHARED_PREFIX {
+            prefix_kv.as_deref().and_then(|p| p.hit(lead, l))
+        } else {
+            None
+        };
+        let reuse = hit.map_or(0, |(m, _)| m);
+        if g.len() == 1 && reuse == 0 || l < MIN_SHARED_PREFIX {
+            plain.push(g[0]);
+            continue;
+        }
+        // A lone input reuses what is cached as is; a group extends it to its whole prefix.
+        let l = if g.len() == 1 { reuse } else { l };
+        let mut cache = match hit {
+            Some((m, c)) => {
+                let mut c = c.clone();
+                c.truncate(m)?;
+                c
+            }
+            None => KvCache::new(model.spec().n_layers),
+        };
+        if reuse < l {
+            let ids = Tensor::from_vec(lead[reuse..l].to_vec(), (1, l - reuse), model.device())?;
+            let mut fwd = Forward::new(1, l - reuse, model.device()).with_cache(&mut cache);
+            model.hidden(&ids, &mut fwd)?;
+        }
+        if let Some(p) = prefix_kv.as_deref_mut() {
+            p.reused_tokens += reuse;
+            p.prefix_tokens += l - reuse;
+            if reuse < l {
+                p.entry = Some((p.model, lead[..l].to_vec(), cache.clone()));
+            }
+        }
+        let mut members = g;
+        members.sort_by_key(|&u| std::cmp::Reverse(inputs[u].tokens.len()));
+        for_each_batch(
+            &members,
+            |u| inputs[u].tokens.len() - l,
+            budget,
+            |chunk| {
+                let items: Vec<Input<'_>> = chunk
+                    .iter()
+                    .map(|&u| Input {
+                        tokens: &inputs[u].tokens[l..],
+                        first: inputs[u].first - l,
+                    })
+                    .collect();
+                let logits = forward_rows(model, &items, Some(&cache))?;
+                for (&u, t) in chunk.iter().zip(logits) {
+                    on_logits(u, t)?;
+                }
+                Ok(())
+            },
+        )?;
+    }
+    plain.sort_by_key(|&u| std::cmp::Reverse(inputs[u].tokens.len()));
+    for_each_batch(
+        &plain,
+        |u| inputs[u].tokens.len(),
+        budget,
+        |chunk| {
+            let items: Vec<Input<'_>> = chunk.iter().map(|&u| inputs[u]).collect();
+            let logits = forward_rows(model, &items, None)?;
+            for (&u, t) in chunk.iter().zip(logits) {
+                on_logits(u, t)?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Splits `members` (longest first) into batches of at most `budget` padded tokens.
+fn for_each_batch(
+    members: &[usize],
+    width: impl Fn(usize) -> usize,
+    budget: usize,
+    mut f: impl FnMut(&[usize]) -> Result<()>,
+) -> Result<()> {
+    let mut start = 0;
+    while start < members.len() {
+        let per_batch = (budget / width(members[start]).max(1)).max(1);
+        let chunk = &members[start..(start + per_batch).min(members.len())];
+        f(chunk)?;
+        start += chunk.len();
+    }
+    Ok(())
+}
+
+/// One right-padded forward pass, continuing `prefix` when given: causal attention means
+/// padding after a sequence never influences its real positions. Returns each input's logits
+/// at positions `first..len`.
+fn forward_rows(
+    model: &dyn CausalLm,
+    items: &[Input<'_>],
+    prefix: Option<&KvCache>,
+) -> Result<Vec<Tensor>> {
     let dev = model.device();
     let width = items
         .iter()
-        .map(|(s, _)| s.len() - 1)
+        .map(|x| x.tokens.len())
         .max()
         .unwrap_or(0)
         .max(1);
     let b = items.len();
     let mut ids = vec![0u32; b * width];
     let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    for (r, (seq, from)) in items.iter().enumerate() {
-        let input = &seq[..seq.len() - 1];
-        ids[r * width..r * width + input.len()].copy_from_slice(input);
-        for j in *from..seq.len() {
-            rows.push((r, j - 1));
-            targets.push(seq[j]);
-        }
+    for (r, x) in items.iter().enumerate() {
+        ids[r * width..r * width + x.tokens.len()].copy_from_slice(x.tokens);
+        rows.extend((x.first..x.tokens.len()).map(|j| (r, j)));
     }
     let input = Tensor::from_vec(ids, (b, width), dev)?;
+    let mut frozen = prefix.map(|c| c.frozen_prefix(b));
     let mut fwd = Forward::new(b, width, dev);
+    if let Some(c) = frozen.as_mut() {
+        fwd = fwd.with_cache(c);
+    }
     let h = model.hidden(&input, &mut fwd)?;
     let h = gather_rows(&h, &rows)?;
     let logits = model.head(&h, false)?.to_dtype(DType::F32)?;
-    let (lp, top, top_ids, lse) = log_softmax_pick(&logits, &targets)?;
-    let alts = if top_n > 0 {
-        top_alternatives(&logits, &lse, top_n)?
-    } else {
-        Vec::new()
-    };
     let mut out = Vec::with_capacity(b);
     let mut k = 0;
-    for (seq, from) in &items {
-        let n = seq.len() - from;
-        out.push(TokenScores {
-            logprobs: lp[k..k + n].to_vec(),
-            top_logprobs: top[k..k + n].to_vec(),
-            top_ids: top_ids[k..k + n].to_vec(),
-            alternatives: if top_n > 0 {
-                alts[k..k + n].to_vec()
-            } else {
-                Vec::new()
-            },
-        });
+    for x in items {
+        let n = x.tokens.len() - x.first;
+        out.push(logits.narrow(0, k, n)?);
         k += n;
     }
     Ok(out)
+}
+
+/// Scores one sequence's targets from its logits rows (one row per target).
+fn pick(logits: &Tensor, targets: &[u32], top_n: usize) -> Result<TokenScores> {
+    let (lp, top, top_ids, lse) = log_softmax_pick(logits, targets)?;
+    let alternatives = if top_n > 0 {
+        top_alternatives(logits, &lse, top_n)?
+    } else {
+        Vec::new()
+    };
+    Ok(TokenScores {
+        logprobs: lp,
+        top_logprobs: top,
+        top_ids,
+        alternatives,
+    })
 }
 
 /// For each logits row: log-prob of the target, the maximum log-prob, its id, and the row's
@@ -234,6 +422,17 @@ pub fn loglikelihood(
     pairs: &[(String, String)],
     budget: usize,
 ) -> Result<Vec<Loglikelihood>> {
+    loglikelihood_shared(model, tok, pairs, budget, None)
+}
+
+/// [`loglikelihood`] with shared contexts computed once (see [`score_tokens_shared`]).
+pub fn loglikelihood_shared(
+    model: &dyn CausalLm,
+    tok: &Tok,
+    pairs: &[(String, String)],
+    budget: usize,
+    prefix_kv: Option<&mut PrefixKv>,
+) -> Result<Vec<Loglikelihood>> {
     let max_len = model.spec().context_length;
     let mut seqs = Vec::with_capacity(pairs.len());
     let mut from = Vec::with_capacity(pairs.len());
@@ -252,7 +451,7 @@ pub fn loglikelihood(
         from.push(whole.len() - cont.len());
         seqs.push(whole);
     }
-    let scores = score_tokens(model, &seqs, &from, budget)?;
+    let scores = score_tokens_shared(model, &seqs, &from, 0, budget, prefix_kv)?;
     Ok(scores
         .into_iter()
         .map(|s| Loglikelihood {

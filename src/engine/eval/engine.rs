@@ -71,18 +71,17 @@ impl EvalWork {
         token_budget: usize,
         prefix_kv: &mut PrefixKv,
     ) -> std::result::Result<EvalAnswers, EngineError> {
+        if let Self::Remeasure(reqs) = self {
+            return editing::remeasure(base, lm, tok, reqs)
+                .map(EvalAnswers::Metrics)
+                .map_err(EngineError::Edit);
+        }
         let mut b = ModelBackend {
             model: lm,
             tok,
             token_budget,
             prefix_kv: std::mem::take(prefix_kv),
         };
-        if let Self::Remeasure(reqs) = self {
-            *prefix_kv = std::mem::take(&mut b.prefix_kv);
-            return editing::remeasure(base, lm, tok, reqs)
-                .map(EvalAnswers::Metrics)
-                .map_err(EngineError::Edit);
-        }
         let r = match self {
             Self::Loglikelihood(p) => b.loglikelihood(p).map(EvalAnswers::Loglikelihood),
             Self::Rolling(t) => b.loglikelihood_rolling(t).map(EvalAnswers::Rolling),

@@ -223,36 +223,36 @@ fn run_inputs(
                 p.entry = Some((p.model, lead[..l].to_vec(), cache.clone()));
             }
         }
-        let mut members = g;
-        members.sort_by_key(|&u| std::cmp::Reverse(inputs[u].tokens.len()));
-        for_each_batch(
-            &members,
-            |u| inputs[u].tokens.len() - l,
-            budget,
-            |chunk| {
-                let items: Vec<Input<'_>> = chunk
-                    .iter()
-                    .map(|&u| Input {
-                        tokens: &inputs[u].tokens[l..],
-                        first: inputs[u].first - l,
-                    })
-                    .collect();
-                let logits = forward_rows(model, &items, Some(&cache))?;
-                for (&u, t) in chunk.iter().zip(logits) {
-                    on_logits(u, t)?;
-                }
-                Ok(())
-            },
-        )?;
+        run_batches(model, inputs, g, l, Some(&cache), budget, on_logits)?;
     }
-    plain.sort_by_key(|&u| std::cmp::Reverse(inputs[u].tokens.len()));
+    run_batches(model, inputs, plain, 0, None, budget, on_logits)
+}
+
+/// Runs `members` from position `skip` on (continuing `prefix`, which holds their first `skip`
+/// tokens), longest first in batches under `budget`, handing each input's logits on.
+fn run_batches(
+    model: &dyn CausalLm,
+    inputs: &[Input<'_>],
+    mut members: Vec<usize>,
+    skip: usize,
+    prefix: Option<&KvCache>,
+    budget: usize,
+    on_logits: &mut dyn FnMut(usize, Tensor) -> Result<()>,
+) -> Result<()> {
+    members.sort_by_key(|&u| std::cmp::Reverse(inputs[u].tokens.len()));
     for_each_batch(
-        &plain,
-        |u| inputs[u].tokens.len(),
+        &members,
+        |u| inputs[u].tokens.len() - skip,
         budget,
         |chunk| {
-            let items: Vec<Input<'_>> = chunk.iter().map(|&u| inputs[u]).collect();
-            let logits = forward_rows(model, &items, None)?;
+            let items: Vec<Input<'_>> = chunk
+                .iter()
+                .map(|&u| Input {
+                    tokens: &inputs[u].tokens[skip..],
+                    first: inputs[u].first - skip,
+                })
+                .collect();
+            let logits = forward_rows(model, &items, prefix)?;
             for (&u, t) in chunk.iter().zip(logits) {
                 on_logits(u, t)?;
             }

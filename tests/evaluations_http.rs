@@ -65,6 +65,16 @@ async fn get(base: &str, key: &str, path: &str) -> (StatusCode, Value) {
     send(base, key, reqwest::Method::GET, path, None).await
 }
 
+/// A GET whose body is not JSON (CSV, SVG, PNG).
+async fn get_raw(base: &str, key: &str, path: &str) -> reqwest::Response {
+    Client::new()
+        .get(format!("{base}{path}"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn delete(base: &str, key: &str, path: &str) -> (StatusCode, Value) {
     send(base, key, reqwest::Method::DELETE, path, None).await
 }
@@ -627,13 +637,7 @@ async fn a_sweep_edits_one_by_one_and_evaluates_each_checkpoint() {
         want.results["arc_easy"].metrics["acc"]
     );
 
-    let c = Client::new();
-    let csv = c
-        .get(format!("{base}/v1/sweeps/{id}/curve?format=csv"))
-        .bearer_auth(ALICE)
-        .send()
-        .await
-        .unwrap();
+    let csv = get_raw(base, ALICE, &format!("/v1/sweeps/{id}/curve?format=csv")).await;
     assert_eq!(csv.status(), StatusCode::OK);
     assert!(csv.headers()["content-type"]
         .to_str()
@@ -642,18 +646,42 @@ async fn a_sweep_edits_one_by_one_and_evaluates_each_checkpoint() {
     let text = csv.text().await.unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
-    assert!(lines[0].starts_with("n_edits,version,edit."), "{text}");
+    assert!(
+        lines[0].starts_with("method,n_edits,version,edit."),
+        "{text}"
+    );
     assert!(lines[0].contains("arc_easy.acc"), "{text}");
-    assert!(lines[2].starts_with("2,2,"), "{text}");
-    let svg = c
-        .get(format!("{base}/v1/sweeps/{id}/curve?format=svg"))
-        .bearer_auth(ALICE)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(svg.headers()["content-type"], "image/svg+xml");
-    let svg = svg.text().await.unwrap();
-    assert!(svg.contains("<svg") && svg.contains("<polyline") && svg.contains("arc_easy.acc"));
+    assert!(lines[2].starts_with("ft-m,2,2,"), "{text}");
+    let file = get_raw(base, ALICE, &format!("/v1/sweeps/{id}/results.csv")).await;
+    assert_eq!(file.status(), StatusCode::OK);
+    assert_eq!(
+        file.text().await.unwrap(),
+        text,
+        "results.csv is the curve's CSV"
+    );
+    for path in ["curve?format=svg", "chart.svg"] {
+        let svg = get_raw(base, ALICE, &format!("/v1/sweeps/{id}/{path}")).await;
+        assert_eq!(svg.status(), StatusCode::OK, "{path}");
+        assert_eq!(svg.headers()["content-type"], "image/svg+xml");
+        let svg = svg.text().await.unwrap();
+        // A panel per task and retention metric, ft-m's line in each.
+        for text in [
+            "<svg",
+            "<polyline",
+            "arc_easy acc_norm",
+            "edit reliability",
+            ">\nft-m\n<",
+        ] {
+            assert!(svg.contains(text), "{path}: no {text}");
+        }
+    }
+    for path in ["curve?format=png", "chart.png"] {
+        let png = get_raw(base, ALICE, &format!("/v1/sweeps/{id}/{path}")).await;
+        assert_eq!(png.status(), StatusCode::OK, "{path}");
+        assert_eq!(png.headers()["content-type"], "image/png");
+        let bytes = png.bytes().await.unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{path}");
+    }
     let (s, j) = get(base, ALICE, &format!("/v1/sweeps/{id}/curve")).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(j["rows"].as_array().unwrap().len(), 2);
@@ -663,6 +691,103 @@ async fn a_sweep_edits_one_by_one_and_evaluates_each_checkpoint() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _) = delete(base, ALICE, &format!("/v1/sweeps/{id}")).await;
     assert_eq!(s, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn a_sweep_compares_methods_each_on_its_own_session() {
+    let base = server();
+    let ok = json!({"methods": ["ft-m", "ft-l"], "dataset": "counterfact", "n_edits": 1,
+        "checkpoints": [0, 1], "tasks": ["arc_easy"], "limit": 2,
+        "hparams": {"ft-m": {"steps": 2}, "ft-l": {"steps": 2}}});
+    let with = |k: &str, v: Value| {
+        let mut b = ok.clone();
+        b[k] = v;
+        b
+    };
+    for (body, field) in [
+        (with("method", json!("rome")), "methods"),
+        (with("methods", json!([])), "methods"),
+        (with("methods", json!(["ft-m", "ft-m"])), "methods[1]"),
+        (with("methods", json!(["ft-m", "nope"])), "methods[1]"),
+        (with("hparams", json!({"rome": {}})), "hparams.rome"),
+        (
+            with("hparams", json!({"ft-l": {"bogus": 1}})),
+            "hparams.ft-l.bogus",
+        ),
+        (with("hparams", json!([1])), "hparams"),
+    ] {
+        let (s, v) = post(base, ALICE, "/v1/sweeps", body).await;
+        assert_field_problem(s, &v, field);
+    }
+    let (s, v) = post(base, ALICE, "/v1/sweeps", ok).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["methods"], json!(["ft-m", "ft-l"]));
+    assert_eq!(
+        v["progress"]["total"], 6,
+        "(1 edit + 2 checkpoints) per method"
+    );
+    let id = v["id"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    let sweep = loop {
+        let (_, v) = get(base, ALICE, &format!("/v1/sweeps/{id}")).await;
+        if terminal(&v) {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(900), "{v}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(sweep["status"], "succeeded", "{sweep}");
+    assert_eq!(sweep["progress"]["done"], 6);
+    let sessions = sweep["sessions"].as_object().unwrap();
+    let (m, l) = (&sessions["ft-m"], &sessions["ft-l"]);
+    assert_ne!(m, l, "each method edits its own session");
+    assert_eq!(&sweep["session"], m);
+    for sid in [m, l] {
+        let (_, s) = get(
+            base,
+            ALICE,
+            &format!("/v1/sessions/{}", sid.as_str().unwrap()),
+        )
+        .await;
+        assert_eq!(s["edit_count"], 1, "{s}");
+    }
+    let curve = sweep["curve"].as_array().unwrap();
+    let points: Vec<(&str, u64)> = curve
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap(),
+                r["n_edits"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(points, [("ft-m", 0), ("ft-m", 1), ("ft-l", 0), ("ft-l", 1)]);
+    // The base model is evaluated once and shared.
+    assert_eq!(curve[0]["tasks"], curve[2]["tasks"]);
+    assert!(curve[3]["edit"]["reliability"].is_number(), "{sweep}");
+
+    let csv = get_raw(base, ALICE, &format!("/v1/sweeps/{id}/results.csv"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let firsts: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| &l[..l.find(',').unwrap()])
+        .collect();
+    assert_eq!(firsts, ["ft-m", "ft-m", "ft-l", "ft-l"], "{csv}");
+    let svg = get_raw(base, ALICE, &format!("/v1/sweeps/{id}/chart.svg"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    for line in ["ft-m", "ft-l", "base"] {
+        assert!(
+            svg.contains(&format!(">\n{line}\n<")),
+            "no {line} in the legend"
+        );
+    }
 }
 
 #[tokio::test]

@@ -37,6 +37,7 @@ use crate::jobs::{
         super::edits::apply, super::edits::history, super::edits::version, super::edits::rollback, super::edits::methods,
         super::evaluations::create, super::evaluations::list, super::evaluations::get, super::evaluations::cancel,
         super::sweeps::create, super::sweeps::list, super::sweeps::get, super::sweeps::cancel, super::sweeps::curve,
+        super::sweeps::results_csv, super::sweeps::chart_svg, super::sweeps::chart_png,
         super::inference::generate, super::inference::loglikelihood,
         super::openai::completions, super::openai::chat_completions, super::openai::models,
         super::openai::tokenizer_info, super::openai::tokenize, super::openai::detokenize,

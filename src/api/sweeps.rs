@@ -1,5 +1,6 @@
-//! `/v1/sweeps`: the paper's protocol as a job (edits one by one on a fresh session, the
-//! benchmarks at checkpoints) and its curves as CSV, JSON or SVG.
+//! `/v1/sweeps`: the paper's protocol as a job (edits one by one on a fresh session per
+//! method, the benchmarks at checkpoints), its table as JSON or CSV and its charts as SVG or
+//! PNG.
 use std::collections::HashMap;
 
 use actix_web::{web, HttpResponse};
@@ -7,9 +8,11 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::edits::page;
+use super::error::Code;
 use super::error::Problem;
 use super::{ApiError, AppState, Body, Tenant};
-use crate::jobs::sweep::{curve_csv, curve_json, curve_svg};
+use crate::jobs::chart::{self, ChartError};
+use crate::jobs::sweep::{curve_csv, curve_json};
 use crate::jobs::{NewSweep, Sweep};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -24,7 +27,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(get))
             .route(web::delete().to(cancel)),
     )
-    .service(resource("/v1/sweeps/{id}/curve", "GET").route(web::get().to(curve)));
+    .service(resource("/v1/sweeps/{id}/curve", "GET").route(web::get().to(curve)))
+    .service(resource("/v1/sweeps/{id}/results.csv", "GET").route(web::get().to(results_csv)))
+    .service(resource("/v1/sweeps/{id}/chart.svg", "GET").route(web::get().to(chart_svg)))
+    .service(resource("/v1/sweeps/{id}/chart.png", "GET").route(web::get().to(chart_png)));
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -97,12 +103,76 @@ async fn cancel(
     })
 }
 
+/// What a curve is rendered as.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    Json,
+    Csv,
+    Svg,
+    Png,
+}
+
+impl Format {
+    fn parse(s: Option<&str>) -> Result<Self, ApiError> {
+        Ok(match s {
+            None | Some("json") => Self::Json,
+            Some("csv") => Self::Csv,
+            Some("svg") => Self::Svg,
+            Some("png") => Self::Png,
+            Some(other) => {
+                return Err(ApiError::field(
+                    "format",
+                    format_args!("must be json, csv, svg or png. Given: {other:?}"),
+                ))
+            }
+        })
+    }
+}
+
+impl From<ChartError> for ApiError {
+    fn from(e: ChartError) -> Self {
+        match e {
+            ChartError::NoFont => ApiError::new(Code::Unavailable, e.to_string()),
+            ChartError::Draw(_) => ApiError::new(Code::Internal, e.to_string()),
+        }
+    }
+}
+
+/// The sweep's finished checkpoints in one format (charts drawn off the async runtime).
+async fn render(
+    state: &AppState,
+    tenant: &Tenant,
+    id: &str,
+    format: Format,
+) -> Result<HttpResponse, ApiError> {
+    let sweep = state.jobs.get_sweep(&tenant.0, id).await?;
+    Ok(match format {
+        Format::Json => HttpResponse::Ok().json(curve_json(&sweep.curve)),
+        Format::Csv => HttpResponse::Ok()
+            .content_type("text/csv; charset=utf-8")
+            .body(curve_csv(&sweep.curve)),
+        Format::Svg => {
+            let svg = web::block(move || chart::svg(&sweep.curve, &sweep.title()))
+                .await
+                .map_err(|e| ApiError::new(Code::Internal, e.to_string()))??;
+            HttpResponse::Ok().content_type("image/svg+xml").body(svg)
+        }
+        Format::Png => {
+            let png = web::block(move || chart::png(&sweep.curve, &sweep.title()))
+                .await
+                .map_err(|e| ApiError::new(Code::Internal, e.to_string()))??;
+            HttpResponse::Ok().content_type("image/png").body(png)
+        }
+    })
+}
+
 #[utoipa::path(get, operation_id = "sweep_curve", path = "/v1/sweeps/{id}/curve", tag = "sweeps",
     params(("id" = String, Path),
-           ("format" = Option<String>, Query, description = "`json` (default), `csv` or `svg`")),
-    responses((status = 200, description = "The finished checkpoints: JSON `{columns, rows}`, CSV, or an SVG chart of the 0–1 metrics against the number of edits",
-               content((Object = "application/json"), (String = "text/csv"), (String = "image/svg+xml"))),
-              (status = 404, body = Problem), (status = 422, body = Problem)))]
+           ("format" = Option<String>, Query, description = "`json` (default), `csv`, `svg` or `png`")),
+    responses((status = 200, description = "The finished checkpoints: JSON `{columns, rows}` or CSV (one row per method and checkpoint), or the chart as SVG or PNG",
+               content((Object = "application/json"), (String = "text/csv"), (String = "image/svg+xml"), (String = "image/png"))),
+              (status = 404, body = Problem), (status = 422, body = Problem),
+              (status = 503, description = "No font for the chart (`EMEND_CHART_FONT`)", body = Problem)))]
 async fn curve(
     state: web::Data<AppState>,
     tenant: Tenant,
@@ -115,28 +185,48 @@ async fn curve(
             "is not a query parameter of this route (`format`)",
         ));
     }
-    let sweep = state.jobs.get_sweep(&tenant.0, &id).await?;
-    Ok(match query.get("format").map(String::as_str) {
-        None | Some("json") => HttpResponse::Ok().json(curve_json(&sweep.curve)),
-        Some("csv") => HttpResponse::Ok()
-            .content_type("text/csv; charset=utf-8")
-            .body(curve_csv(&sweep.curve)),
-        Some("svg") => {
-            let title = format!(
-                "{} on {}, {} edits",
-                sweep.method,
-                sweep.dataset.name(),
-                sweep.n_edits
-            );
-            HttpResponse::Ok()
-                .content_type("image/svg+xml")
-                .body(curve_svg(&sweep.curve, &title))
-        }
-        Some(other) => {
-            return Err(ApiError::field(
-                "format",
-                format_args!("must be json, csv or svg. Given: {other:?}"),
-            ))
-        }
-    })
+    let format = Format::parse(query.get("format").map(String::as_str))?;
+    render(&state, &tenant, &id, format).await
 }
+
+/// A route serving the curve in one fixed format, as a file clients can save.
+macro_rules! file_route {
+    ($name:ident, $op:literal, $path:literal, $format:ident, $mime:literal, $what:literal) => {
+        #[utoipa::path(get, operation_id = $op, path = $path, tag = "sweeps", params(("id" = String, Path)),
+            responses((status = 200, description = $what, content((String = $mime))),
+                      (status = 404, body = Problem),
+                      (status = 503, description = "No font for the chart (`EMEND_CHART_FONT`)", body = Problem)))]
+        async fn $name(
+            state: web::Data<AppState>,
+            tenant: Tenant,
+            id: web::Path<String>,
+        ) -> Result<HttpResponse, ApiError> {
+            render(&state, &tenant, &id, Format::$format).await
+        }
+    };
+}
+
+file_route!(
+    results_csv,
+    "sweep_results_csv",
+    "/v1/sweeps/{id}/results.csv",
+    Csv,
+    "text/csv",
+    "The table: one row per method and checkpoint, a column per edit and task metric"
+);
+file_route!(
+    chart_svg,
+    "sweep_chart_svg",
+    "/v1/sweeps/{id}/chart.svg",
+    Svg,
+    "image/svg+xml",
+    "Figure 2's layout: a panel per task and retention metric, a line per method, log-scale edits, the base model dashed"
+);
+file_route!(
+    chart_png,
+    "sweep_chart_png",
+    "/v1/sweeps/{id}/chart.png",
+    Png,
+    "image/png",
+    "The chart of `chart.svg` as PNG"
+);

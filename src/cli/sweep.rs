@@ -1,8 +1,9 @@
-//! `emend sweep`: the paper's protocol in-process. The first N records of an editing dataset
-//! are applied one at a time to a fresh overlay; at each checkpoint the tasks run on the edited
-//! model and the edits' post-edit metrics are averaged. After every checkpoint the curve so far
-//! is written to `--out` as curve.csv, curve.json and curve.svg (the same rows and renderings as
-//! `GET /v1/sweeps/{id}/curve`).
+//! `emend sweep`: the paper's protocol in-process. For each method, the first N records of an
+//! editing dataset are applied one at a time to a fresh overlay; at each checkpoint the tasks
+//! run on the edited model and the edits' metrics are averaged. After every checkpoint the
+//! curve so far is written to `--out` as curve.csv, curve.json, curve.svg and curve.png (the
+//! same rows and renderings as `GET /v1/sweeps/{id}/results.csv`, `/curve`, `/chart.svg` and
+//! `/chart.png`).
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,9 +14,11 @@ use clap::Args;
 use emend::engine::editing::datasets::{self, EditDataset};
 use emend::engine::editing::{self, EditContext, MeasureOptions, Method};
 use emend::engine::eval::{evaluate, get_task, EvalOptions, ModelBackend};
+use emend::engine::model::LoadedModel;
 use emend::engine::overlay::{Edited, Overlay};
+use emend::jobs::chart::{self, ChartError};
 use emend::jobs::sweep::{
-    curve_csv, curve_json, curve_svg, headline_metrics, mean_metrics, mean_post_metrics,
+    curve_csv, curve_json, headline_metrics, mean_metrics, mean_post_metrics,
 };
 use emend::jobs::CurveRow;
 
@@ -23,9 +26,10 @@ use super::{load, Global};
 
 #[derive(Args)]
 pub struct SweepArgs {
-    /// rome, memit, ft-l or ft-m.
-    #[arg(long, default_value = "rome")]
-    pub method: String,
+    /// Comma-separated methods (rome, memit, ft-l, ft-m), each on a fresh overlay of its own
+    /// and drawn as its own line.
+    #[arg(long, value_delimiter = ',', default_value = "rome")]
+    pub method: Vec<String>,
     /// counterfact or zsre: its first --n-edits records are applied in order.
     #[arg(long, default_value = "counterfact")]
     pub dataset: String,
@@ -43,33 +47,71 @@ pub struct SweepArgs {
     pub num_fewshot: Option<usize>,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Hyper-parameter overrides as a JSON object, e.g. '{"steps": 10}'.
+    /// Hyper-parameter overrides as a JSON object, e.g. '{"steps": 10}'; with several methods,
+    /// one object per method: '{"rome": {"steps": 10}}'.
     #[arg(long)]
     pub hparams: Option<String>,
     /// Dataset directory [default: $EMEND_DATA_DIR, else $EMEND_SHARED_DIR/data, else
     /// ../shared/data].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Directory for curve.csv, curve.json and curve.svg (created if missing).
+    /// Directory for curve.csv, curve.json, curve.svg and curve.png (created if missing).
     #[arg(long)]
     pub out: PathBuf,
 }
 
 fn write_curve(out: &Path, rows: &[CurveRow], title: &str) -> Result<()> {
-    let w = |name: &str, text: String| {
+    let w = |name: &str, bytes: &[u8]| {
         let p = out.join(name);
-        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))
+        std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))
     };
-    w("curve.csv", curve_csv(rows))?;
+    w("curve.csv", curve_csv(rows).as_bytes())?;
     w(
         "curve.json",
-        serde_json::to_string_pretty(&curve_json(rows))?,
+        serde_json::to_string_pretty(&curve_json(rows))?.as_bytes(),
     )?;
-    w("curve.svg", curve_svg(rows, title))
+    match chart::svg(rows, title).and_then(|svg| Ok((svg, chart::png(rows, title)?))) {
+        Ok((svg, png)) => {
+            w("curve.svg", svg.as_bytes())?;
+            w("curve.png", &png)
+        }
+        // The table is the result; a machine without fonts still gets it.
+        Err(e @ ChartError::NoFont) => {
+            tracing::warn!("charts not written: {e}");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Each method's overrides: the object itself for one method, its entry for several.
+fn overrides_for(
+    all: &serde_json::Value,
+    method: Method,
+    keyed: bool,
+) -> Result<serde_json::Value> {
+    if !keyed {
+        return Ok(all.clone());
+    }
+    match all {
+        serde_json::Value::Null => Ok(serde_json::Value::Null),
+        serde_json::Value::Object(o) => Ok(o.get(method.name()).cloned().unwrap_or_default()),
+        _ => bail!("--hparams must be an object keyed by method with several --method"),
+    }
 }
 
 pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
-    let method: Method = a.method.parse()?;
+    let methods: Vec<Method> = a
+        .method
+        .iter()
+        .map(|m| m.trim().parse())
+        .collect::<std::result::Result<_, _>>()?;
+    for (i, m) in methods.iter().enumerate() {
+        if methods[..i].contains(m) {
+            bail!("--method repeats {}", m.name());
+        }
+    }
+    let keyed = methods.len() > 1;
     let ds: EditDataset = a.dataset.parse()?;
     let n = a.n_edits as usize;
     for (i, c) in a.checkpoints.iter().enumerate() {
@@ -84,6 +126,11 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
         Some(s) => serde_json::from_str(s).context("--hparams must be a JSON object")?,
         None => serde_json::Value::Null,
     };
+    if let (true, Some(o)) = (keyed, overrides.as_object()) {
+        if let Some(k) = o.keys().find(|k| !methods.iter().any(|m| m.name() == *k)) {
+            bail!("--hparams names {k}, which is not one of --method");
+        }
+    }
     let dir = super::eval::data_dir(a.data_dir.clone());
     let records: Vec<_> = datasets::load(ds, &dir)?
         .into_iter()
@@ -95,7 +142,13 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let m = load(g)?;
-    editing::hparams::resolve(method, m.model.spec(), &overrides)?;
+    for &method in &methods {
+        editing::hparams::resolve(
+            method,
+            m.model.spec(),
+            &overrides_for(&overrides, method, keyed)?,
+        )?;
+    }
     editing::validate(&records, &m.tokenizer)?;
     let ctx = EditContext::new(super::edit::env(Some(dir.clone())), &m.info);
     let opts = EvalOptions {
@@ -103,62 +156,62 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
         num_fewshot: a.num_fewshot,
         seed: a.seed,
     };
-    let title = format!("{} on {}, {n} edits", method.name(), ds.name());
-    let mut overlay = Overlay::base();
-    let mut reports = Vec::new();
+    let names: Vec<&str> = methods.iter().map(|m| m.name()).collect();
+    let title = format!("{} on {}, {n} edits", names.join(", "), ds.name());
     let mut rows: Vec<CurveRow> = Vec::new();
-    let mut applied = 0;
-    for &c in &a.checkpoints {
-        while applied < c {
-            let steps = editing::apply(
-                &m,
-                &overlay,
-                method,
-                std::slice::from_ref(&records[applied]),
-                &overrides,
-                MeasureOptions::default(),
-                &ctx,
-            )
-            .with_context(|| format!("edit {}", applied + 1))?;
-            for s in steps {
-                reports.extend(
-                    s.reports
-                        .iter()
-                        .map(|r| serde_json::to_value(r).unwrap_or_default()),
+    for &method in &methods {
+        let hparams = overrides_for(&overrides, method, keyed)?;
+        let mut overlay = Overlay::base();
+        let mut reports = Vec::new();
+        let mut applied = 0;
+        for &c in &a.checkpoints {
+            while applied < c {
+                let t = std::time::Instant::now();
+                let steps = editing::apply(
+                    &m,
+                    &overlay,
+                    method,
+                    std::slice::from_ref(&records[applied]),
+                    &hparams,
+                    MeasureOptions::default(),
+                    &ctx,
+                )
+                .with_context(|| format!("{} edit {}", method.name(), applied + 1))?;
+                for s in steps {
+                    reports.extend(
+                        s.reports
+                            .iter()
+                            .map(|r| serde_json::to_value(r).unwrap_or_default()),
+                    );
+                    overlay = Overlay::push(&overlay, s.deltas);
+                }
+                applied += 1;
+                tracing::info!(
+                    method = method.name(),
+                    applied,
+                    seconds = t.elapsed().as_secs_f64(),
+                    "edit applied"
                 );
-                overlay = Overlay::push(&overlay, s.deltas);
             }
-            applied += 1;
-            tracing::info!(applied, "edit applied");
+            // The 0-edit checkpoint is the base model, the same for every method.
+            let base = (c == 0)
+                .then(|| rows.iter().find(|r| r.n_edits == 0).cloned())
+                .flatten();
+            let row = match base {
+                Some(b) => CurveRow {
+                    method: method.name().to_string(),
+                    ..b
+                },
+                None => CurveRow {
+                    method: method.name().to_string(),
+                    ..checkpoint(&m, &overlay, &a.tasks, &opts, &dir, &records[..c], &reports)
+                        .with_context(|| format!("{} checkpoint {c}", method.name()))?
+                },
+            };
+            rows.push(row);
+            write_curve(&a.out, &rows, &title)?;
+            tracing::info!(method = method.name(), n_edits = c, "checkpoint finished");
         }
-        let edited = Edited::new(
-            m.model.as_ref(),
-            Arc::new(overlay.prepare(m.model.as_ref())?),
-        );
-        let mut backend = ModelBackend::new(&edited, &m.tokenizer);
-        let res = evaluate(&a.tasks, &opts, &dir, &mut backend, &mut |_, _| true)
-            .with_context(|| format!("evaluating checkpoint {c}"))?;
-        let tasks = res
-            .results
-            .iter()
-            .map(|(t, r)| Ok((t.clone(), headline_metrics(&serde_json::to_value(r)?))))
-            .collect::<Result<_>>()?;
-        let retained = editing::remeasure(m.model.as_ref(), &edited, &m.tokenizer, &records[..c])
-            .with_context(|| format!("re-measuring the edits at checkpoint {c}"))?;
-        let retained: Vec<serde_json::Value> = retained
-            .iter()
-            .map(serde_json::to_value)
-            .collect::<std::result::Result<_, _>>()?;
-        rows.push(CurveRow {
-            n_edits: c,
-            version: overlay.depth() as u64,
-            edit: mean_metrics(&retained),
-            edit_at_apply: mean_post_metrics(&reports),
-            tasks,
-            finished_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
-        });
-        write_curve(&a.out, &rows, &title)?;
-        tracing::info!(n_edits = c, "checkpoint finished");
     }
     if g.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -166,4 +219,43 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
         print!("{}", curve_csv(&rows));
     }
     Ok(())
+}
+
+/// The overlay's model evaluated: the tasks, the edits so far re-measured, and the at-apply
+/// metrics averaged.
+fn checkpoint(
+    m: &LoadedModel,
+    overlay: &Overlay,
+    tasks: &[String],
+    opts: &EvalOptions,
+    dir: &Path,
+    edits: &[editing::EditRequest],
+    reports: &[serde_json::Value],
+) -> Result<CurveRow> {
+    let edited = Edited::new(
+        m.model.as_ref(),
+        Arc::new(overlay.prepare(m.model.as_ref())?),
+    );
+    let mut backend = ModelBackend::new(&edited, &m.tokenizer);
+    let res = evaluate(tasks, opts, dir, &mut backend, &mut |_, _| true)?;
+    let tasks = res
+        .results
+        .iter()
+        .map(|(t, r)| Ok((t.clone(), headline_metrics(&serde_json::to_value(r)?))))
+        .collect::<Result<_>>()?;
+    let retained = editing::remeasure(m.model.as_ref(), &edited, &m.tokenizer, edits)
+        .context("re-measuring the edits")?;
+    let retained: Vec<serde_json::Value> = retained
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(CurveRow {
+        method: String::new(),
+        n_edits: edits.len(),
+        version: overlay.depth() as u64,
+        edit: mean_metrics(&retained),
+        edit_at_apply: mean_post_metrics(reports),
+        tasks,
+        finished_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+    })
 }

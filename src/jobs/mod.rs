@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::sessions::{SessionError, Sessions};
 use crate::store::{JobRow, Store, StoreError};
 
+pub mod chart;
 mod eval;
 pub mod sweep;
 
@@ -150,9 +151,12 @@ struct Record {
     finished_tasks: Vec<FinishedTask>,
     attempts: u32,
     error: Option<String>,
-    /// A sweep's session, once created.
+    /// A single-method sweep's session, as sweeps before `methods` stored it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     session: Option<String>,
+    /// A sweep's sessions by method, each created when its method starts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    sessions: BTreeMap<String, String>,
     /// A sweep's finished checkpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     curve: Vec<CurveRow>,

@@ -28,14 +28,21 @@ use crate::store::JobRow;
 pub const MAX_SWEEP_EDITS: i64 = 10_000;
 /// Most checkpoints in one sweep.
 pub const MAX_CHECKPOINTS: usize = 64;
+/// Most methods compared in one sweep.
+pub const MAX_METHODS: usize = 8;
 
 /// What `POST /v1/sweeps` asks for.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSweep {
-    /// Editing method (`GET /v1/methods`).
+    /// One editing method (`GET /v1/methods`); give this or `methods`.
     #[schema(example = "rome")]
-    pub method: String,
+    pub method: Option<String>,
+    /// Methods compared in one sweep, each on a fresh session of its own and drawn as its own
+    /// line (1 to 8, no repeats); give this or `method`. `hparams` is then keyed by method:
+    /// `{"rome": {"steps": 10}}`.
+    #[schema(example = json!(["rome", "memit"]))]
+    pub methods: Option<Vec<String>>,
     /// `counterfact` or `zsre`: its first `n_edits` records are applied in order.
     #[schema(example = "counterfact")]
     pub dataset: String,
@@ -53,7 +60,7 @@ pub struct NewSweep {
     #[schema(minimum = 0, maximum = 32)]
     pub num_fewshot: Option<i64>,
     pub seed: Option<u64>,
-    /// Overrides of the method's defaults.
+    /// Overrides of the method's defaults; with `methods`, one object per method name.
     #[schema(value_type = Option<Object>)]
     pub hparams: Option<Value>,
 }
@@ -61,7 +68,12 @@ pub struct NewSweep {
 /// A validated sweep, as stored in the job's `spec`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepSpec {
+    /// The first method (what single-method sweeps stored).
     pub method: String,
+    /// Every method when the request gave `methods` (then `hparams` is keyed by method);
+    /// empty for a request with `method`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
     pub dataset: EditDataset,
     pub n_edits: usize,
     pub checkpoints: Vec<usize>,
@@ -72,9 +84,36 @@ pub struct SweepSpec {
     pub hparams: Value,
 }
 
+impl SweepSpec {
+    /// The methods, in the order they run.
+    pub fn methods(&self) -> Vec<String> {
+        if self.methods.is_empty() {
+            vec![self.method.clone()]
+        } else {
+            self.methods.clone()
+        }
+    }
+    /// The overrides one method runs with.
+    pub fn hparams_for(&self, method: &str) -> Value {
+        if self.methods.is_empty() {
+            self.hparams.clone()
+        } else {
+            self.hparams.get(method).cloned().unwrap_or(Value::Null)
+        }
+    }
+    /// Edits plus checkpoints over every method: the progress total.
+    pub fn total_steps(&self) -> u64 {
+        (self.methods().len() * (self.n_edits + self.checkpoints.len())) as u64
+    }
+}
+
 /// One finished checkpoint: a point of every curve.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CurveRow {
+    /// The method whose session this checkpoint evaluated.
+    #[serde(default)]
+    #[schema(example = "rome")]
+    pub method: String,
     /// Edits applied before this checkpoint.
     pub n_edits: usize,
     /// The session version evaluated.
@@ -96,7 +135,10 @@ pub struct CurveRow {
 pub struct Sweep {
     pub id: String,
     pub status: JobStatus,
+    /// The first method.
     pub method: String,
+    /// Every method, in the order they run.
+    pub methods: Vec<String>,
     pub dataset: EditDataset,
     pub n_edits: usize,
     pub checkpoints: Vec<usize>,
@@ -106,14 +148,16 @@ pub struct Sweep {
     pub seed: Option<u64>,
     #[schema(value_type = Object)]
     pub hparams: Value,
-    /// The session the sweep edits (created when it starts).
+    /// The first method's session (created when it starts).
     pub session: Option<String>,
+    /// Each started method's session.
+    pub sessions: BTreeMap<String, String>,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
-    /// Edits applied plus checkpoints evaluated, of `n_edits` + checkpoints.
+    /// Edits applied plus checkpoints evaluated, of (`n_edits` + checkpoints) × methods.
     pub progress: JobProgress,
-    /// The finished checkpoints, in order.
+    /// The finished checkpoints, method by method, in order.
     pub curve: Vec<CurveRow>,
     pub attempts: u32,
     pub cancel_requested: bool,
@@ -121,13 +165,68 @@ pub struct Sweep {
     pub error: Option<String>,
 }
 
+impl Sweep {
+    /// The chart's title: methods, dataset, edits.
+    pub fn title(&self) -> String {
+        format!(
+            "{} on {}, {} edits",
+            self.methods.join(", "),
+            self.dataset.name(),
+            self.n_edits
+        )
+    }
+}
+
+impl Record {
+    /// The session a method runs on, once created (sweeps before `methods` kept one).
+    fn session_of(&self, method: &str, first: &str) -> Option<String> {
+        self.sessions
+            .get(method)
+            .cloned()
+            .or_else(|| (method == first).then(|| self.session.clone()).flatten())
+    }
+}
+
+/// `method` xor `methods`, parsed; the flag says whether `hparams` is keyed by method.
+fn check_methods(
+    method: Option<&str>,
+    methods: Option<&[String]>,
+) -> Result<(Vec<Method>, bool), JobError> {
+    let parse = |field: String, m: &str| {
+        m.parse::<Method>()
+            .map_err(|e: editing::EditError| invalid(field, e.to_string()))
+    };
+    match (method, methods) {
+        (Some(m), None) => Ok((vec![parse("method".into(), m)?], false)),
+        (None, Some(ms)) => {
+            if ms.is_empty() || ms.len() > MAX_METHODS {
+                return Err(invalid(
+                    "methods",
+                    format!("must hold 1 to {MAX_METHODS} methods. Given: {}", ms.len()),
+                ));
+            }
+            let mut out: Vec<Method> = Vec::with_capacity(ms.len());
+            for (i, m) in ms.iter().enumerate() {
+                let parsed = parse(format!("methods[{i}]"), m)?;
+                if out.contains(&parsed) {
+                    return Err(invalid(
+                        format!("methods[{i}]"),
+                        format!("repeats `{}`", parsed.name()),
+                    ));
+                }
+                out.push(parsed);
+            }
+            Ok((out, true))
+        }
+        (Some(_), Some(_)) => Err(invalid("methods", "give `method` or `methods`, not both")),
+        (None, None) => Err(invalid("method", "is required (or `methods`)")),
+    }
+}
+
 impl Jobs {
     /// Validates and queues a sweep; nothing is stored when a field is invalid.
     pub async fn submit_sweep(&self, tenant: &str, req: NewSweep) -> Result<Sweep, JobError> {
-        let method: Method = req
-            .method
-            .parse()
-            .map_err(|e: editing::EditError| invalid("method", e.to_string()))?;
+        let (methods, keyed) = check_methods(req.method.as_deref(), req.methods.as_deref())?;
         let dataset: EditDataset = req
             .dataset
             .parse()
@@ -163,10 +262,23 @@ impl Jobs {
         let limit = check_limit(req.limit)?;
         let num_fewshot = check_fewshot(req.num_fewshot)?;
         let hparams = req.hparams.unwrap_or(Value::Null);
-        editing::hparams::resolve(method, self.engine.spec(), &hparams).map_err(|e| match e {
-            editing::EditError::Invalid { field, message } => JobError::Invalid { field, message },
-            other => invalid("hparams", other.to_string()),
-        })?;
+        let spec = SweepSpec {
+            method: methods[0].name().to_string(),
+            methods: if keyed {
+                methods.iter().map(|m| m.name().to_string()).collect()
+            } else {
+                Vec::new()
+            },
+            dataset,
+            n_edits,
+            checkpoints,
+            tasks,
+            limit,
+            num_fewshot,
+            seed: req.seed,
+            hparams,
+        };
+        self.check_hparams(&spec, &methods)?;
         let dir = self.cfg.data_dir.clone().ok_or(JobError::NoData)?;
         let available = load_records(dataset, dir.clone(), n_edits)
             .await
@@ -181,24 +293,53 @@ impl Jobs {
                 ),
             ));
         }
-        let spec = SweepSpec {
-            method: method.name().to_string(),
-            dataset,
-            n_edits,
-            checkpoints,
-            tasks,
-            limit,
-            num_fewshot,
-            seed: req.seed,
-            hparams,
-        };
         // Every task's requests are built once here, so a bad option is a 422 now.
         count_requests(&spec.tasks, eval_spec(&spec, "", 0).options(), dir).await?;
-        let total = (spec.n_edits + spec.checkpoints.len()) as u64;
-        let row = self.insert(tenant, SWEEP, json(&spec), total).await?;
-        tracing::info!(job = %row.id, method = %spec.method, dataset = spec.dataset.name(),
+        let row = self
+            .insert(tenant, SWEEP, json(&spec), spec.total_steps())
+            .await?;
+        tracing::info!(job = %row.id, methods = ?spec.methods(), dataset = spec.dataset.name(),
             n_edits, checkpoints = ?spec.checkpoints, "sweep queued");
         self.to_sweep(row)
+    }
+
+    /// Each method's overrides resolve against its defaults; with `methods`, `hparams` is an
+    /// object whose keys are among them (fields are then named `hparams.<method>.<key>`).
+    fn check_hparams(&self, spec: &SweepSpec, methods: &[Method]) -> Result<(), JobError> {
+        let keyed = !spec.methods.is_empty();
+        if keyed {
+            match &spec.hparams {
+                Value::Null => {}
+                Value::Object(o) => {
+                    if let Some(k) = o.keys().find(|k| !spec.methods.contains(k)) {
+                        return Err(invalid(
+                            format!("hparams.{k}"),
+                            format!("is not one of `methods` ({})", spec.methods.join(", ")),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        "hparams",
+                        "must be an object keyed by method name when `methods` is given",
+                    ))
+                }
+            }
+        }
+        for m in methods {
+            let overrides = spec.hparams_for(m.name());
+            editing::hparams::resolve(*m, self.engine.spec(), &overrides).map_err(|e| match e {
+                editing::EditError::Invalid { field, message } => JobError::Invalid {
+                    field: match field.strip_prefix("hparams") {
+                        Some(rest) if keyed => format!("hparams.{}{rest}", m.name()),
+                        _ => field,
+                    },
+                    message,
+                },
+                other => invalid("hparams", other.to_string()),
+            })?;
+        }
+        Ok(())
     }
 
     pub async fn get_sweep(&self, tenant: &str, id: &str) -> Result<Sweep, JobError> {
@@ -257,10 +398,23 @@ impl Jobs {
                 .current()
                 .as_ref()
                 .is_some_and(|(id, f)| *id == row.id && f.load(Ordering::Relaxed));
+        let methods = spec.methods();
+        let sessions: BTreeMap<String, String> = methods
+            .iter()
+            .filter_map(|m| Some((m.clone(), rec.session_of(m, &spec.method)?)))
+            .collect();
+        let mut curve = rec.curve;
+        // Rows stored before `method` was recorded are the (only) method's.
+        for r in curve.iter_mut().filter(|r| r.method.is_empty()) {
+            r.method = spec.method.clone();
+        }
         Ok(Sweep {
             id: row.id,
             status,
+            session: sessions.get(&spec.method).cloned(),
+            sessions,
             method: spec.method,
+            methods,
             dataset: spec.dataset,
             n_edits: spec.n_edits,
             checkpoints: spec.checkpoints,
@@ -269,12 +423,11 @@ impl Jobs {
             num_fewshot: spec.num_fewshot,
             seed: spec.seed,
             hparams: spec.hparams,
-            session: rec.session,
             created_at: row.created_at,
             started_at: row.started_at,
             finished_at: row.finished_at,
             progress,
-            curve: rec.curve,
+            curve,
             attempts: rec.attempts,
             cancel_requested,
             error: rec.error,
@@ -313,8 +466,36 @@ fn backend(e: impl std::fmt::Display) -> EvalError {
     EvalError::Backend(e.to_string())
 }
 
-/// Runs (or resumes) a sweep. The outer error is the store's (the job stays running and is
-/// retried); the inner result is the sweep's outcome.
+/// Progress and ETA over the steps this run does (a resumed run's earlier steps don't count
+/// toward the rate).
+struct Clock {
+    t0: Instant,
+    done0: u64,
+}
+
+impl Clock {
+    fn report(&self, progress: &mut JobProgress, done: u64) {
+        progress.done = done;
+        let ran = done.saturating_sub(self.done0);
+        progress.eta_seconds = (ran > 0).then(|| {
+            self.t0.elapsed().as_secs_f64() / ran as f64
+                * progress.total.saturating_sub(done) as f64
+        });
+    }
+}
+
+/// Returns early from `run` with the sweep's outcome (not a store error).
+macro_rules! outcome {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        }
+    };
+}
+
+/// Runs (or resumes) a sweep: each method in turn on its own session. The outer error is the
+/// store's (the job stays running and is retried); the inner result is the sweep's outcome.
 pub(super) async fn run(
     jobs: &Jobs,
     row: &JobRow,
@@ -322,154 +503,208 @@ pub(super) async fn run(
     progress: &mut JobProgress,
     flag: &Arc<AtomicBool>,
 ) -> Result<Result<(), EvalError>, JobError> {
-    let spec: SweepSpec = match serde_json::from_str(&row.spec) {
-        Ok(s) => s,
-        Err(e) => return Ok(Err(backend(format!("the stored spec is unreadable: {e}")))),
-    };
-    let Ok(method) = spec.method.parse::<Method>() else {
-        return Ok(Err(backend(format!("unknown method `{}`", spec.method))));
-    };
-    let Some(dir) = jobs.cfg.data_dir.clone() else {
-        return Ok(Err(backend(JobError::NoData)));
-    };
+    let spec: SweepSpec = outcome!(serde_json::from_str(&row.spec)
+        .map_err(|e| backend(format!("the stored spec is unreadable: {e}"))));
+    let mut methods = Vec::new();
+    for name in spec.methods() {
+        let m: Method = outcome!(name
+            .parse()
+            .map_err(|_| backend(format!("unknown method `{name}`"))));
+        methods.push(m);
+    }
+    let dir = outcome!(jobs
+        .cfg
+        .data_dir
+        .clone()
+        .ok_or_else(|| backend(JobError::NoData)));
     let tenant = row.tenant.as_str();
-    let sid = match &rec.session {
-        Some(s) => s.clone(),
-        None => match jobs
-            .sessions
-            .create(tenant, Some(format!("sweep {}", row.id)), None)
-            .await
-        {
-            Ok(s) => {
-                rec.session = Some(s.id.clone());
+    let records = outcome!(load_records(spec.dataset, dir.clone(), spec.n_edits)
+        .await
+        .map_err(backend));
+    progress.total = spec.total_steps();
+    let mut done = rec.curve.len() as u64;
+    for m in &methods {
+        if let Some(sid) = rec.session_of(m.name(), &spec.method) {
+            let s = outcome!(jobs
+                .sessions
+                .get(tenant, &sid)
+                .map_err(|e| backend(format!("the sweep's session: {e}"))));
+            done += s.edit_count;
+        }
+    }
+    let clock = Clock {
+        t0: Instant::now(),
+        done0: done,
+    };
+    for &method in &methods {
+        let name = method.name();
+        let sid = match rec.session_of(name, &spec.method) {
+            Some(s) => s,
+            None => {
+                let s = outcome!(jobs
+                    .sessions
+                    .create(tenant, Some(format!("sweep {} {name}", row.id)), None)
+                    .await
+                    .map_err(backend));
+                rec.sessions.insert(name.to_string(), s.id.clone());
                 jobs.store
                     .update_job(&row.id, &json(progress), Some(&json(rec)))
                     .await?;
                 s.id
             }
-            Err(e) => return Ok(Err(backend(e))),
-        },
-    };
-    let records = match load_records(spec.dataset, dir.clone(), spec.n_edits).await {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(backend(e))),
-    };
-    let mut applied = match jobs.sessions.get(tenant, &sid) {
-        Ok(s) => s.edit_count as usize,
-        Err(e) => return Ok(Err(backend(format!("the sweep's session: {e}")))),
-    };
-    tracing::info!(session = %sid, applied, finished = rec.curve.len(), "sweep started");
-    progress.total = (spec.n_edits + spec.checkpoints.len()) as u64;
-    let t0 = Instant::now();
-    let done0 = (applied + rec.curve.len()) as u64;
-    let report = |progress: &mut JobProgress, applied: usize, rows: usize| {
-        progress.done = (applied + rows) as u64;
-        let ran = progress.done.saturating_sub(done0);
-        progress.eta_seconds = (ran > 0).then(|| {
-            t0.elapsed().as_secs_f64() / ran as f64
-                * progress.total.saturating_sub(progress.done) as f64
-        });
-    };
-    for &c in &spec.checkpoints {
-        if rec.curve.iter().any(|r| r.n_edits == c) {
-            continue;
-        }
-        while applied < c {
+        };
+        let mut applied = outcome!(jobs
+            .sessions
+            .get(tenant, &sid)
+            .map(|s| s.edit_count as usize)
+            .map_err(|e| backend(format!("the sweep's session: {e}"))));
+        tracing::info!(method = name, session = %sid, applied, finished = rec.curve.len(),
+            "sweep method started");
+        let hparams = spec.hparams_for(name);
+        for &c in &spec.checkpoints {
+            let has = |r: &CurveRow| {
+                r.n_edits == c && (r.method == name || (r.method.is_empty() && name == spec.method))
+            };
+            if rec.curve.iter().any(has) {
+                continue;
+            }
+            while applied < c {
+                if flag.load(Ordering::Relaxed) {
+                    return Ok(Err(EvalError::Cancelled));
+                }
+                let req = records[applied].clone();
+                outcome!(apply_one(jobs, tenant, &sid, method, req, hparams.clone())
+                    .await
+                    .map_err(|e| backend(format!("{name} edit {}: {e}", applied + 1))));
+                applied += 1;
+                done += 1;
+                clock.report(progress, done);
+                jobs.store
+                    .update_job(&row.id, &json(progress), None)
+                    .await?;
+            }
             if flag.load(Ordering::Relaxed) {
                 return Ok(Err(EvalError::Cancelled));
             }
-            let req = records[applied].clone();
-            let engine = jobs.engine.clone();
-            let hparams = spec.hparams.clone();
-            let patience = jobs.cfg.patience;
-            let r = jobs
-                .sessions
-                .apply_edit(
-                    tenant,
-                    &sid,
-                    method,
-                    vec![req.clone()],
-                    move |view| async move {
-                        let (tx, rx) = oneshot::channel();
-                        engine
-                            .submit_waiting(
-                                Lane::Edit,
-                                Work::Edit {
-                                    view,
-                                    method,
-                                    requests: vec![req],
-                                    hparams,
-                                    opts: MeasureOptions::default(),
-                                    reply: tx,
-                                },
-                                patience,
-                            )
-                            .await?;
-                        rx.await.map_err(|_| {
-                            EngineError::Failed("the engine dropped the edit".into())
-                        })?
-                    },
-                )
-                .await;
-            if let Err(e) = r {
-                return Ok(Err(backend(format!("edit {}: {e}", applied + 1))));
-            }
-            applied += 1;
-            report(progress, applied, rec.curve.len());
+            // Every method's 0-edit checkpoint is the base model: evaluated once.
+            let base = (c == 0)
+                .then(|| rec.curve.iter().find(|r| r.n_edits == 0).cloned())
+                .flatten();
+            let point = match base {
+                Some(b) => CurveRow {
+                    method: name.to_string(),
+                    finished_at: now(),
+                    ..b
+                },
+                None => outcome!(
+                    checkpoint(jobs, tenant, &sid, &spec, &records[..c], &dir, flag)
+                        .await
+                        .map(|r| CurveRow {
+                            method: name.to_string(),
+                            ..r
+                        })
+                ),
+            };
+            tracing::info!(
+                method = name,
+                n_edits = c,
+                version = point.version,
+                "checkpoint finished"
+            );
+            rec.curve.push(point);
+            done += 1;
+            clock.report(progress, done);
             jobs.store
-                .update_job(&row.id, &json(progress), None)
+                .update_job(&row.id, &json(progress), Some(&json(rec)))
                 .await?;
         }
-        if flag.load(Ordering::Relaxed) {
-            return Ok(Err(EvalError::Cancelled));
-        }
-        let view = match jobs.sessions.view(tenant, &sid, None) {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(backend(format!("the sweep's session: {e}")))),
-        };
-        let version = view.version;
-        let edit_at_apply = match edit_means(jobs, tenant, &sid, version) {
-            Ok(m) => m,
-            Err(e) => return Ok(Err(backend(e))),
-        };
-        let edit = match retention(jobs, view.clone(), records[..c].to_vec()).await {
-            Ok(m) => m,
-            Err(e) => return Ok(Err(e)),
-        };
-        if flag.load(Ordering::Relaxed) {
-            return Ok(Err(EvalError::Cancelled));
-        }
-        let results = match evaluate_at(
-            jobs,
-            view,
-            &eval_spec(&spec, &sid, version),
-            dir.clone(),
-            flag,
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(e)),
-        };
-        let tasks = results
-            .into_iter()
-            .map(|(t, v)| (t, headline_metrics(&v)))
-            .collect();
-        rec.curve.push(CurveRow {
-            n_edits: c,
-            version,
-            edit,
-            edit_at_apply,
-            tasks,
-            finished_at: now(),
-        });
-        tracing::info!(n_edits = c, version, "checkpoint finished");
-        report(progress, applied, rec.curve.len());
-        jobs.store
-            .update_job(&row.id, &json(progress), Some(&json(rec)))
-            .await?;
     }
     Ok(Ok(()))
+}
+
+/// One record applied through the engine's edit lane as the session's next version.
+async fn apply_one(
+    jobs: &Jobs,
+    tenant: &str,
+    sid: &str,
+    method: Method,
+    req: editing::EditRequest,
+    hparams: Value,
+) -> Result<(), String> {
+    let engine = jobs.engine.clone();
+    let patience = jobs.cfg.patience;
+    jobs.sessions
+        .apply_edit(
+            tenant,
+            sid,
+            method,
+            vec![req.clone()],
+            move |view| async move {
+                let (tx, rx) = oneshot::channel();
+                engine
+                    .submit_waiting(
+                        Lane::Edit,
+                        Work::Edit {
+                            view,
+                            method,
+                            requests: vec![req],
+                            hparams,
+                            opts: MeasureOptions::default(),
+                            reply: tx,
+                        },
+                        patience,
+                    )
+                    .await?;
+                rx.await
+                    .map_err(|_| EngineError::Failed("the engine dropped the edit".into()))?
+            },
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The session's current version evaluated: the edits so far re-measured, their at-apply
+/// metrics averaged, and the tasks run.
+async fn checkpoint(
+    jobs: &Jobs,
+    tenant: &str,
+    sid: &str,
+    spec: &SweepSpec,
+    edits: &[editing::EditRequest],
+    dir: &std::path::Path,
+    flag: &Arc<AtomicBool>,
+) -> Result<CurveRow, EvalError> {
+    let view = jobs
+        .sessions
+        .view(tenant, sid, None)
+        .map_err(|e| backend(format!("the sweep's session: {e}")))?;
+    let version = view.version;
+    let edit_at_apply = edit_means(jobs, tenant, sid, version).map_err(backend)?;
+    let edit = retention(jobs, view.clone(), edits.to_vec()).await?;
+    if flag.load(Ordering::Relaxed) {
+        return Err(EvalError::Cancelled);
+    }
+    let results = evaluate_at(
+        jobs,
+        view,
+        &eval_spec(spec, sid, version),
+        dir.to_path_buf(),
+        flag,
+    )
+    .await?;
+    Ok(CurveRow {
+        method: String::new(),
+        n_edits: edits.len(),
+        version,
+        edit,
+        edit_at_apply,
+        tasks: results
+            .into_iter()
+            .map(|(t, v)| (t, headline_metrics(&v)))
+            .collect(),
+        finished_at: now(),
+    })
 }
 
 /// Numeric metrics of a task result, standard errors left out.
@@ -598,7 +833,8 @@ async fn evaluate_at(
     }
 }
 
-/// Column names of a curve: `n_edits`, `version`, `edit.<metric>`, `<task>.<metric>`.
+/// Column names of a curve: `method`, `n_edits`, `version`, `edit.<metric>`,
+/// `edit_at_apply.<metric>`, `<task>.<metric>`.
 pub fn curve_columns(rows: &[CurveRow]) -> Vec<String> {
     let mut edit = BTreeSet::new();
     let mut at_apply = BTreeSet::new();
@@ -610,13 +846,14 @@ pub fn curve_columns(rows: &[CurveRow]) -> Vec<String> {
             tasks.extend(m.keys().map(|k| format!("{t}.{k}")));
         }
     }
-    let mut cols = vec!["n_edits".to_string(), "version".to_string()];
+    let mut cols: Vec<String> = ["method", "n_edits", "version"].map(String::from).into();
     cols.extend(edit);
     cols.extend(at_apply);
     cols.extend(tasks);
     cols
 }
 
+/// A numeric cell (every column but `method`).
 fn cell(r: &CurveRow, col: &str) -> Option<f64> {
     match col {
         "n_edits" => Some(r.n_edits as f64),
@@ -634,138 +871,46 @@ fn cell(r: &CurveRow, col: &str) -> Option<f64> {
     }
 }
 
-/// The curve as CSV, one row per checkpoint (empty cells for missing values).
+/// The curve as CSV, one row per method and checkpoint (empty cells for missing values).
 pub fn curve_csv(rows: &[CurveRow]) -> String {
     let cols = curve_columns(rows);
     let mut out = cols.join(",");
     out.push('\n');
     for r in rows {
-        let line: Vec<String> = cols
-            .iter()
-            .map(|c| cell(r, c).map(|v| v.to_string()).unwrap_or_default())
-            .collect();
+        // Method names are plain identifiers (`rome`, `ft-m`): nothing to quote.
+        let mut line = vec![r.method.clone()];
+        line.extend(
+            cols[1..]
+                .iter()
+                .map(|c| cell(r, c).map(|v| v.to_string()).unwrap_or_default()),
+        );
         out.push_str(&line.join(","));
         out.push('\n');
     }
     out
 }
 
-/// The curve as JSON: the columns and one array of values (or null) per checkpoint.
+/// The curve as JSON: the columns and one array of values (or null) per method and checkpoint.
 pub fn curve_json(rows: &[CurveRow]) -> Value {
     let cols = curve_columns(rows);
-    let data: Vec<Vec<Option<f64>>> = rows
+    let data: Vec<Vec<Value>> = rows
         .iter()
-        .map(|r| cols.iter().map(|c| cell(r, c)).collect())
-        .collect();
-    serde_json::json!({"columns": cols, "rows": data})
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// An SVG chart, one line per metric against the number of edits, like the paper's figures.
-/// Only metrics on a 0–1 scale (accuracies, edit metrics) share the axis; perplexities are in
-/// the CSV and JSON.
-pub fn curve_svg(rows: &[CurveRow], title: &str) -> String {
-    const W: f64 = 760.0;
-    const H: f64 = 440.0;
-    const L: f64 = 60.0;
-    const R: f64 = 230.0;
-    const T: f64 = 40.0;
-    const B: f64 = 50.0;
-    const COLORS: [&str; 10] = [
-        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-        "#bcbd22", "#17becf",
-    ];
-    let cols = curve_columns(rows);
-    let series: Vec<&String> = cols
-        .iter()
-        .skip(2)
-        .filter(|c| {
-            let vals: Vec<f64> = rows.iter().filter_map(|r| cell(r, c)).collect();
-            !vals.is_empty() && vals.iter().all(|v| (0.0..=1.0).contains(v))
+        .map(|r| {
+            std::iter::once(Value::from(r.method.clone()))
+                .chain(cols[1..].iter().map(|c| cell(r, c).into()))
+                .collect()
         })
         .collect();
-    let max_x = rows.iter().map(|r| r.n_edits).max().unwrap_or(0).max(1) as f64;
-    let x = |n: f64| L + n / max_x * (W - L - R);
-    let y = |v: f64| H - B - v * (H - T - B);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{L}\" y=\"24\" font-size=\"15\">{}</text>\n",
-        xml_escape(title)
-    );
-    // axes, y grid and ticks
-    s.push_str(&format!(
-        "<line x1=\"{L}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{L}\" y1=\"{T}\" x2=\"{L}\" y2=\"{}\" stroke=\"black\"/>\n",
-        H - B,
-        W - R,
-        H - B,
-        H - B
-    ));
-    for i in 0..=4 {
-        let v = i as f64 / 4.0;
-        s.push_str(&format!(
-            "<line x1=\"{L}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/>\n<text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{v:.2}</text>\n",
-            y(v),
-            W - R,
-            L - 6.0,
-            y(v) + 4.0
-        ));
-    }
-    for r in rows {
-        s.push_str(&format!(
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
-            x(r.n_edits as f64),
-            H - B + 18.0,
-            r.n_edits
-        ));
-    }
-    s.push_str(&format!(
-        "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">number of edits</text>\n",
-        (L + W - R) / 2.0,
-        H - 12.0
-    ));
-    for (i, c) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let pts: Vec<String> = rows
-            .iter()
-            .filter_map(|r| cell(r, c).map(|v| format!("{:.1},{:.1}", x(r.n_edits as f64), y(v))))
-            .collect();
-        s.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
-            pts.join(" ")
-        ));
-        for p in &pts {
-            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
-            s.push_str(&format!(
-                "<circle cx=\"{px}\" cy=\"{py}\" r=\"3\" fill=\"{color}\"/>\n"
-            ));
-        }
-        let ly = T + 10.0 + i as f64 * 18.0;
-        s.push_str(&format!(
-            "<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/>\n<text x=\"{2}\" y=\"{3}\">{4}</text>\n",
-            W - R + 16.0,
-            W - R + 40.0,
-            W - R + 46.0,
-            ly + 4.0,
-            xml_escape(c)
-        ));
-    }
-    s.push_str("</svg>\n");
-    s
+    serde_json::json!({"columns": cols, "rows": data})
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn row(n: usize, rel: f64, acc: f64, ppl: f64) -> CurveRow {
+    fn row(method: &str, n: usize, rel: f64, acc: f64, ppl: f64) -> CurveRow {
         CurveRow {
+            method: method.into(),
             n_edits: n,
             version: n as u64,
             edit: if n == 0 {
@@ -784,21 +929,96 @@ mod tests {
     }
 
     #[test]
-    fn curves_render_as_csv_json_and_svg() {
-        let rows = [row(0, 0.0, 0.5, 30.0), row(2, 0.75, 0.25, 31.5)];
+    fn curves_render_as_csv_and_json() {
+        let rows = [
+            row("rome", 0, 0.0, 0.5, 30.0),
+            row("rome", 2, 0.75, 0.25, 31.5),
+            row("ft-m", 2, 1.0, 0.5, 30.5),
+        ];
         assert_eq!(
             curve_csv(&rows),
-            "n_edits,version,edit.reliability,arc_easy.acc,arc_easy.perplexity\n\
-             0,0,,0.5,30\n2,2,0.75,0.25,31.5\n"
+            "method,n_edits,version,edit.reliability,arc_easy.acc,arc_easy.perplexity\n\
+             rome,0,0,,0.5,30\nrome,2,2,0.75,0.25,31.5\nft-m,2,2,1,0.5,30.5\n"
         );
         let j = curve_json(&rows);
-        assert_eq!(j["rows"][0][2], Value::Null);
-        assert_eq!(j["rows"][1][3], 0.25);
-        let svg = curve_svg(&rows, "ft-m <counterfact>");
-        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert!(svg.contains("ft-m &lt;counterfact&gt;"));
-        // two 0–1 series drawn (perplexity is off that scale)
-        assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
-        assert!(svg.contains(">arc_easy.acc<") && !svg.contains(">arc_easy.perplexity<"));
+        assert_eq!(j["columns"][0], "method");
+        assert_eq!(j["rows"][2][0], "ft-m");
+        assert_eq!(j["rows"][0][3], Value::Null);
+        assert_eq!(j["rows"][1][4], 0.25);
+    }
+
+    fn spec(methods: &[&str], hparams: Value) -> SweepSpec {
+        SweepSpec {
+            method: methods[0].into(),
+            methods: if methods.len() > 1 {
+                methods.iter().map(|m| m.to_string()).collect()
+            } else {
+                Vec::new()
+            },
+            dataset: EditDataset::Counterfact,
+            n_edits: 10,
+            checkpoints: vec![0, 5, 10],
+            tasks: vec!["arc_easy".into()],
+            limit: None,
+            num_fewshot: None,
+            seed: None,
+            hparams,
+        }
+    }
+
+    #[test]
+    fn a_spec_gives_each_method_its_overrides() {
+        let one = spec(&["rome"], serde_json::json!({"steps": 3}));
+        assert_eq!(one.methods(), ["rome"]);
+        assert_eq!(one.hparams_for("rome"), serde_json::json!({"steps": 3}));
+        assert_eq!(one.total_steps(), 13);
+        let two = spec(&["rome", "ft-m"], serde_json::json!({"ft-m": {"steps": 2}}));
+        assert_eq!(two.methods(), ["rome", "ft-m"]);
+        assert_eq!(two.hparams_for("rome"), Value::Null);
+        assert_eq!(two.hparams_for("ft-m"), serde_json::json!({"steps": 2}));
+        assert_eq!(two.total_steps(), 26);
+        // What a sweep stored before `methods` still reads, as one method.
+        let old: SweepSpec = serde_json::from_value(serde_json::json!({
+            "method": "rome", "dataset": "counterfact", "n_edits": 1, "checkpoints": [0, 1],
+            "tasks": ["arc_easy"], "limit": null, "num_fewshot": null, "seed": null,
+            "hparams": null}))
+        .expect("old spec");
+        assert_eq!(old.methods(), ["rome"]);
+    }
+
+    #[test]
+    fn methods_are_one_field_or_the_other_without_repeats() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let field = |r: Result<(Vec<Method>, bool), JobError>| match r {
+            Err(JobError::Invalid { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        };
+        assert!(!check_methods(Some("rome"), None).expect("one").1);
+        let (ms, keyed) = check_methods(None, Some(&names(&["rome", "memit"]))).expect("two");
+        assert_eq!((ms.len(), keyed), (2, true));
+        assert_eq!(field(check_methods(None, None)), "method");
+        assert_eq!(
+            field(check_methods(Some("rome"), Some(&names(&["rome"])))),
+            "methods"
+        );
+        assert_eq!(field(check_methods(None, Some(&[]))), "methods");
+        assert_eq!(
+            field(check_methods(None, Some(&names(&["rome", "nope"])))),
+            "methods[1]"
+        );
+        assert_eq!(
+            field(check_methods(None, Some(&names(&["rome", "rome"])))),
+            "methods[1]"
+        );
+        assert_eq!(field(check_methods(Some("nope"), None)), "method");
+    }
+
+    #[test]
+    fn old_records_name_their_one_session() {
+        let rec: Record = serde_json::from_value(serde_json::json!({
+            "attempts": 1, "error": null, "session": "s1"}))
+        .expect("old record");
+        assert_eq!(rec.session_of("rome", "rome").as_deref(), Some("s1"));
+        assert_eq!(rec.session_of("memit", "rome"), None);
     }
 }

@@ -1,5 +1,5 @@
-//! A sweep's curves drawn like the paper's Figure 2: one panel per task (its headline metric)
-//! and per retention metric (reliability, generalization, locality of the edits so far), one
+//! A sweep's curves drawn like the paper's Figure 2: one panel per task metric (its score and,
+//! where it has one, its perplexity) and per retention metric (reliability, generalization, locality of the edits so far), one
 //! line per method, the number of edits on a log axis, the base model's score dashed.
 //!
 //! plotters lays text out with ab_glyph, which needs a TrueType font: `EMEND_CHART_FONT`, else
@@ -14,19 +14,19 @@ use plotters::style::{register_font, FontStyle};
 
 use super::sweep::CurveRow;
 
-/// Metrics a task's panel shows, the first the task reports: accuracy-like first, then
-/// generation exact match, then the perplexities of LAMBADA and WikiText.
-const HEADLINE: [&str; 9] = [
+/// A task's score panel shows the first of these it reports: accuracy-like first, then
+/// generation exact match.
+const SCORES: [&str; 6] = [
     "acc_norm",
     "acc",
     "mc2",
     "exact_match,strict-match",
     "exact_match",
     "em",
-    "word_perplexity",
-    "perplexity",
-    "bits_per_byte",
 ];
+/// Its perplexity panel (LAMBADA, WikiText), the first of these: at 135M parameters the
+/// perplexity moves long before the accuracy does.
+const PERPLEXITIES: [&str; 2] = ["word_perplexity", "perplexity"];
 /// Retention panels, in this order, where the edits report them.
 const RETENTION: [&str; 3] = ["reliability", "generalization", "locality"];
 
@@ -114,29 +114,31 @@ impl Source {
     /// Whether the metric lives on 0–1 (accuracies, edit metrics), drawn on that full axis.
     fn unit_scale(&self) -> bool {
         match self {
-            Source::Task { metric, .. } => {
-                !metric.contains("perplexity") && metric != "bits_per_byte"
-            }
+            Source::Task { metric, .. } => !metric.contains("perplexity"),
             Source::Edit(_) => true,
         }
     }
 }
 
-/// The panels the rows have data for: tasks in name order, then the retention metrics.
+/// The panels the rows have data for: tasks in name order (score, then perplexity), then the
+/// retention metrics.
 fn panels(rows: &[CurveRow]) -> Vec<Source> {
     let tasks: BTreeSet<&String> = rows.iter().flat_map(|r| r.tasks.keys()).collect();
-    let mut out: Vec<Source> = tasks
-        .into_iter()
-        .filter_map(|t| {
-            let metric = HEADLINE
-                .iter()
-                .find(|m| rows.iter().any(|r| r.tasks[t.as_str()].contains_key(**m)))?;
-            Some(Source::Task {
-                task: t.clone(),
-                metric: metric.to_string(),
-            })
-        })
-        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        let reports = |m: &&str| {
+            rows.iter()
+                .any(|r| r.tasks.get(t).is_some_and(|x| x.contains_key(*m)))
+        };
+        for family in [&SCORES[..], &PERPLEXITIES[..]] {
+            if let Some(metric) = family.iter().copied().find(reports) {
+                out.push(Source::Task {
+                    task: t.clone(),
+                    metric: metric.to_string(),
+                });
+            }
+        }
+    }
     out.extend(
         RETENTION
             .iter()
@@ -388,11 +390,15 @@ mod tests {
                     task: "lambada_openai".into(),
                     metric: "acc".into()
                 },
+                Source::Task {
+                    task: "lambada_openai".into(),
+                    metric: "perplexity".into()
+                },
                 Source::Edit("reliability".into()),
             ]
         );
         assert_eq!(methods(&rows()), ["rome", "memit"]);
-        assert_eq!(size(&rows()), (3 * PANEL_W, TITLE_H + PANEL_H));
+        assert_eq!(size(&rows()), (3 * PANEL_W, TITLE_H + 2 * PANEL_H));
     }
 
     #[test]
@@ -403,6 +409,7 @@ mod tests {
         for text in [
             "arc_easy acc_norm",
             "lambada_openai acc",
+            "lambada_openai perplexity",
             "edit reliability",
             // plotters writes each text on a line of its own.
             ">\nrome\n<",

@@ -310,6 +310,60 @@ fn sweep_writes_its_curve() {
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--checkpoints"), "{}", stderr(&o));
+
+    // Several methods: one line each, hparams keyed by method, the base row shared.
+    let two = tempdir();
+    let o = emend(&[
+        "sweep",
+        "--method",
+        "ft-m,ft-l",
+        "--n-edits",
+        "1",
+        "--checkpoints",
+        "0,1",
+        "--tasks",
+        "arc_easy",
+        "--limit",
+        "2",
+        "--hparams",
+        r#"{"ft-m": {"steps": 2}, "ft-l": {"steps": 2}}"#,
+        "--data-dir",
+        &data,
+        "--out",
+        two.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let csv = std::fs::read_to_string(two.join("curve.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    let heads: Vec<&str> = rows.iter().map(|l| &l[..l.find(',').unwrap()]).collect();
+    assert_eq!(heads, ["ft-m", "ft-m", "ft-l", "ft-l"], "{csv}");
+    let cells = |l: &str| l.split(',').skip(1).map(String::from).collect::<Vec<_>>();
+    assert_eq!(
+        cells(rows[0]),
+        cells(rows[2]),
+        "the base row is shared: {csv}"
+    );
+    for bad in [r#"{"rome": {}}"#, r#"{"ft-l": {"bogus": 1}}"#] {
+        let o = emend(&[
+            "sweep",
+            "--method",
+            "ft-m,ft-l",
+            "--n-edits",
+            "1",
+            "--checkpoints",
+            "0,1",
+            "--tasks",
+            "arc_easy",
+            "--hparams",
+            bad,
+            "--data-dir",
+            &data,
+            "--out",
+            two.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success(), "{bad} accepted");
+        assert!(stderr(&o).contains("hparams."), "{}", stderr(&o));
+    }
 }
 
 #[test]

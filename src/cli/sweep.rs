@@ -12,13 +12,14 @@ use chrono::{SecondsFormat, Utc};
 use clap::Args;
 
 use emend::engine::editing::datasets::{self, EditDataset};
-use emend::engine::editing::{self, EditContext, MeasureOptions, Method};
+use emend::engine::editing::{self, EditContext, MeasureOptions};
 use emend::engine::eval::{evaluate, get_task, EvalOptions, ModelBackend};
 use emend::engine::model::LoadedModel;
 use emend::engine::overlay::{Edited, Overlay};
 use emend::jobs::chart::{self, ChartError};
 use emend::jobs::sweep::{
-    curve_csv, curve_json, headline_metrics, mean_metrics, mean_post_metrics,
+    check_hparams, check_methods, curve_csv, curve_json, headline_metrics, mean_metrics,
+    mean_post_metrics, title, SweepSpec,
 };
 use emend::jobs::CurveRow;
 
@@ -84,34 +85,13 @@ fn write_curve(out: &Path, rows: &[CurveRow], title: &str) -> Result<()> {
     }
 }
 
-/// Each method's overrides: the object itself for one method, its entry for several.
-fn overrides_for(
-    all: &serde_json::Value,
-    method: Method,
-    keyed: bool,
-) -> Result<serde_json::Value> {
-    if !keyed {
-        return Ok(all.clone());
-    }
-    match all {
-        serde_json::Value::Null => Ok(serde_json::Value::Null),
-        serde_json::Value::Object(o) => Ok(o.get(method.name()).cloned().unwrap_or_default()),
-        _ => bail!("--hparams must be an object keyed by method with several --method"),
-    }
-}
-
 pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
-    let methods: Vec<Method> = a
-        .method
-        .iter()
-        .map(|m| m.trim().parse())
-        .collect::<std::result::Result<_, _>>()?;
-    for (i, m) in methods.iter().enumerate() {
-        if methods[..i].contains(m) {
-            bail!("--method repeats {}", m.name());
-        }
-    }
-    let keyed = methods.len() > 1;
+    let names: Vec<String> = a.method.iter().map(|m| m.trim().to_string()).collect();
+    // One method: `--hparams` is its overrides; several: keyed by method, as in the API.
+    let (methods, keyed) = match names.as_slice() {
+        [one] => check_methods(Some(one), None)?,
+        many => check_methods(None, Some(many))?,
+    };
     let ds: EditDataset = a.dataset.parse()?;
     let n = a.n_edits as usize;
     for (i, c) in a.checkpoints.iter().enumerate() {
@@ -126,11 +106,6 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
         Some(s) => serde_json::from_str(s).context("--hparams must be a JSON object")?,
         None => serde_json::Value::Null,
     };
-    if let (true, Some(o)) = (keyed, overrides.as_object()) {
-        if let Some(k) = o.keys().find(|k| !methods.iter().any(|m| m.name() == *k)) {
-            bail!("--hparams names {k}, which is not one of --method");
-        }
-    }
     let dir = super::eval::data_dir(a.data_dir.clone());
     let records: Vec<_> = datasets::load(ds, &dir)?
         .into_iter()
@@ -142,13 +117,19 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let m = load(g)?;
-    for &method in &methods {
-        editing::hparams::resolve(
-            method,
-            m.model.spec(),
-            &overrides_for(&overrides, method, keyed)?,
-        )?;
-    }
+    let spec = SweepSpec {
+        method: methods[0].name().to_string(),
+        methods: if keyed { names } else { Vec::new() },
+        dataset: ds,
+        n_edits: n,
+        checkpoints: a.checkpoints.clone(),
+        tasks: a.tasks.clone(),
+        limit: a.limit.map(|l| l as usize),
+        num_fewshot: a.num_fewshot,
+        seed: a.seed,
+        hparams: overrides,
+    };
+    check_hparams(&spec, &methods, m.model.spec())?;
     editing::validate(&records, &m.tokenizer)?;
     let ctx = EditContext::new(super::edit::env(Some(dir.clone())), &m.info);
     let opts = EvalOptions {
@@ -156,11 +137,10 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
         num_fewshot: a.num_fewshot,
         seed: a.seed,
     };
-    let names: Vec<&str> = methods.iter().map(|m| m.name()).collect();
-    let title = format!("{} on {}, {n} edits", names.join(", "), ds.name());
+    let title = title(&spec.methods(), ds, n);
     let mut rows: Vec<CurveRow> = Vec::new();
     for &method in &methods {
-        let hparams = overrides_for(&overrides, method, keyed)?;
+        let hparams = spec.hparams_for(method.name());
         let mut overlay = Overlay::base();
         let mut reports = Vec::new();
         let mut applied = 0;

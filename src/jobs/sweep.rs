@@ -21,6 +21,7 @@ use super::{
 use crate::engine::editing::datasets::{self, EditDataset};
 use crate::engine::editing::{self, MeasureOptions, Method};
 use crate::engine::eval::{EngineBackend, EvalError};
+use crate::engine::model::ModelSpec;
 use crate::engine::worker::{EngineError, Lane, ModelView, Work};
 use crate::store::JobRow;
 
@@ -168,12 +169,7 @@ pub struct Sweep {
 impl Sweep {
     /// The chart's title: methods, dataset, edits.
     pub fn title(&self) -> String {
-        format!(
-            "{} on {}, {} edits",
-            self.methods.join(", "),
-            self.dataset.name(),
-            self.n_edits
-        )
+        title(&self.methods, self.dataset, self.n_edits)
     }
 }
 
@@ -187,8 +183,17 @@ impl Record {
     }
 }
 
+/// A sweep chart's title: methods, dataset, edits.
+pub fn title(methods: &[String], dataset: EditDataset, n_edits: usize) -> String {
+    format!(
+        "{} on {}, {n_edits} edits",
+        methods.join(", "),
+        dataset.name()
+    )
+}
+
 /// `method` xor `methods`, parsed; the flag says whether `hparams` is keyed by method.
-fn check_methods(
+pub fn check_methods(
     method: Option<&str>,
     methods: Option<&[String]>,
 ) -> Result<(Vec<Method>, bool), JobError> {
@@ -278,7 +283,7 @@ impl Jobs {
             seed: req.seed,
             hparams,
         };
-        self.check_hparams(&spec, &methods)?;
+        check_hparams(&spec, &methods, self.engine.spec())?;
         let dir = self.cfg.data_dir.clone().ok_or(JobError::NoData)?;
         let available = load_records(dataset, dir.clone(), n_edits)
             .await
@@ -301,45 +306,6 @@ impl Jobs {
         tracing::info!(job = %row.id, methods = ?spec.methods(), dataset = spec.dataset.name(),
             n_edits, checkpoints = ?spec.checkpoints, "sweep queued");
         self.to_sweep(row)
-    }
-
-    /// Each method's overrides resolve against its defaults; with `methods`, `hparams` is an
-    /// object whose keys are among them (fields are then named `hparams.<method>.<key>`).
-    fn check_hparams(&self, spec: &SweepSpec, methods: &[Method]) -> Result<(), JobError> {
-        let keyed = !spec.methods.is_empty();
-        if keyed {
-            match &spec.hparams {
-                Value::Null => {}
-                Value::Object(o) => {
-                    if let Some(k) = o.keys().find(|k| !spec.methods.contains(k)) {
-                        return Err(invalid(
-                            format!("hparams.{k}"),
-                            format!("is not one of `methods` ({})", spec.methods.join(", ")),
-                        ));
-                    }
-                }
-                _ => {
-                    return Err(invalid(
-                        "hparams",
-                        "must be an object keyed by method name when `methods` is given",
-                    ))
-                }
-            }
-        }
-        for m in methods {
-            let overrides = spec.hparams_for(m.name());
-            editing::hparams::resolve(*m, self.engine.spec(), &overrides).map_err(|e| match e {
-                editing::EditError::Invalid { field, message } => JobError::Invalid {
-                    field: match field.strip_prefix("hparams") {
-                        Some(rest) if keyed => format!("hparams.{}{rest}", m.name()),
-                        _ => field,
-                    },
-                    message,
-                },
-                other => invalid("hparams", other.to_string()),
-            })?;
-        }
-        Ok(())
     }
 
     pub async fn get_sweep(&self, tenant: &str, id: &str) -> Result<Sweep, JobError> {
@@ -433,6 +399,49 @@ impl Jobs {
             error: rec.error,
         })
     }
+}
+
+/// Each method's overrides resolve against its defaults; with `methods`, `hparams` is an
+/// object whose keys are among them (fields are then named `hparams.<method>.<key>`).
+pub fn check_hparams(
+    spec: &SweepSpec,
+    methods: &[Method],
+    model: &ModelSpec,
+) -> Result<(), JobError> {
+    let keyed = !spec.methods.is_empty();
+    if keyed {
+        match &spec.hparams {
+            Value::Null => {}
+            Value::Object(o) => {
+                if let Some(k) = o.keys().find(|k| !spec.methods.contains(k)) {
+                    return Err(invalid(
+                        format!("hparams.{k}"),
+                        format!("is not one of `methods` ({})", spec.methods.join(", ")),
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "hparams",
+                    "must be an object keyed by method name when `methods` is given",
+                ))
+            }
+        }
+    }
+    for m in methods {
+        let overrides = spec.hparams_for(m.name());
+        editing::hparams::resolve(*m, model, &overrides).map_err(|e| match e {
+            editing::EditError::Invalid { field, message } => JobError::Invalid {
+                field: match field.strip_prefix("hparams") {
+                    Some(rest) if keyed => format!("hparams.{}{rest}", m.name()),
+                    _ => field,
+                },
+                message,
+            },
+            other => invalid("hparams", other.to_string()),
+        })?;
+    }
+    Ok(())
 }
 
 /// The evaluation a checkpoint runs.

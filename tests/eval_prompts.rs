@@ -3,22 +3,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use emend::engine::eval::get_task;
 use emend::engine::eval::tasks::{Prepared, TaskOptions};
 use serde_json::Value;
-
-/// Tasks whose data is not in the shared directory: rendered from hand-written files.
-const FIXTURE_DATA_TASKS: [&str; 2] = ["hellaswag", "toxigen"];
-
-fn data_dir(task: &str) -> PathBuf {
-    if FIXTURE_DATA_TASKS.contains(&task) {
-        common::fixtures_dir().join("eval/data")
-    } else {
-        common::shared_dir().join("data")
-    }
-}
 
 /// Where two strings first differ, for a readable failure.
 fn first_difference(a: &str, b: &str) -> String {
@@ -56,7 +44,7 @@ fn rendering_matches_lm_eval() {
                 num_fewshot: Some(g["num_fewshot"].as_u64().unwrap() as usize),
                 seed: None,
             };
-            task.prepare(&data_dir(task_name), &opts)
+            task.prepare(&common::eval_data_dir(task_name), &opts)
                 .unwrap_or_else(|e| panic!("{task_name}: {e}"))
         });
         assert_eq!(

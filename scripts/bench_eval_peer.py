@@ -43,6 +43,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--shared", default=os.environ.get("EMEND_SHARED_DIR", str(ROOT.parent / "shared")))
     args = ap.parse_args()
+    # lm-eval prints progress notes ("bootstrapping for stddev: …") on stdout: keep stdout for
+    # the JSON report alone.
+    report, sys.stdout = sys.stdout, sys.stderr
     torch.set_num_threads(os.cpu_count() or 1)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="emend-peer-"))
     specs, ymls = local_tasks(args.shared, tmp)
@@ -79,7 +82,7 @@ def main():
                               "requests": sum(len(s["resps"]) for s in docs), "metrics": metrics}
         print(task, out["tasks"][task], file=sys.stderr)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1), file=report)
 
 
 if __name__ == "__main__":

@@ -315,7 +315,15 @@ pub(crate) struct CpuAttention {
     pub past: usize,
     pub window: Option<usize>,
     pub scale: f32,
+    /// Queries per sgemm block on the sgemm path ([`QUERY_BLOCK`] outside tests).
+    #[cfg_attr(not(feature = "openblas"), allow(dead_code))]
+    pub query_block: usize,
 }
+
+/// Queries per block in [`CpuAttention`]'s sgemm path: 256 positions × 3 grouped heads are
+/// rows enough for sgemm to run near peak, and the work past the causal diagonal a block
+/// still computes is 256 / t of the whole (3 % of an 8,192-token window).
+pub(crate) const QUERY_BLOCK: usize = 256;
 
 /// Strided view of a rank-4 `(b, heads, len, d)` tensor whose last dim is contiguous.
 struct View<'a> {
@@ -375,11 +383,14 @@ impl CpuAttention {
         (qa, lo, qa.min(s - 1))
     }
 
-    /// Attention as two sgemm calls per (batch row, KV head): the grouped query heads stacked
-    /// as rows, `scores = Q·Kᵀ` over every key, a masked softmax per row, then `P·V`. Masked
-    /// scores are computed and thrown away (at most the causal half of a prefill); that is far
-    /// cheaper than scalar dots once a few hundred keys are cached. OpenBLAS threads each call,
-    /// so the outer loop stays sequential; the softmax runs on rayon.
+    /// Attention as sgemm calls per (batch row, KV head, block of queries): the grouped query
+    /// heads of a block stacked as rows, `scores = Q·Kᵀ` over the keys the block can see, a
+    /// masked softmax per row, then `P·V`. Blocking the queries bounds the score buffer (a full
+    /// 8,192-token window would need 0.8 GB per KV head) and skips keys after a block's last
+    /// query, so a long prefill computes about half the causal square instead of all of it.
+    /// Masked scores inside a block are computed and thrown away; that is far cheaper than
+    /// scalar dots once a few hundred keys are cached. OpenBLAS threads each call, so the
+    /// outer loops stay sequential; the softmax runs on rayon.
     #[cfg(feature = "openblas")]
     fn attend_gemm(
         &self,
@@ -389,84 +400,105 @@ impl CpuAttention {
         v: &View,
     ) -> candle_core::Result<Vec<f32>> {
         let group = h / kvh;
-        let rows = group * t;
+        let block = self.query_block.clamp(1, t);
         let mut out = vec![0f32; b * t * h * d];
-        let mut qbuf = vec![0f32; rows * d];
-        let mut scores = vec![0f32; rows * s];
-        let mut res = vec![0f32; rows * d];
+        let mut qbuf = vec![0f32; group * block * d];
+        let mut scores = vec![0f32; group * block * s];
+        let mut res = vec![0f32; group * block * d];
         for bi in 0..b {
             let pad = self.pad_left.get(bi).copied().unwrap_or(0);
             for kh in 0..kvh {
-                for gi in 0..group {
-                    for i in 0..t {
-                        let r = gi * t + i;
-                        qbuf[r * d..(r + 1) * d].copy_from_slice(q.row(bi, kh * group + gi, i, d));
-                    }
-                }
                 let kp = k.rows(bi, kh, s, d)?;
                 let vp = v.rows(bi, kh, s, d)?;
-                // SAFETY: qbuf is rows×d, scores rows×s; `rows` checked that s rows of d floats
-                // at the view's row stride lie inside the storage.
-                unsafe {
-                    cblas::cblas_sgemm(
-                        cblas::ROW_MAJOR,
-                        cblas::NO_TRANS,
-                        cblas::TRANS,
-                        rows as i32,
-                        s as i32,
-                        d as i32,
-                        self.scale,
-                        qbuf.as_ptr(),
-                        d as i32,
-                        kp.as_ptr(),
-                        k.stride[2] as i32,
-                        0.0,
-                        scores.as_mut_ptr(),
-                        s as i32,
-                    );
-                }
-                scores.par_chunks_mut(s).enumerate().for_each(|(r, row)| {
-                    let (qa, lo, hi_key) = self.visible(r % t, s);
-                    let hidden = |j: usize| j < lo || j > hi_key || (j < pad && j != qa);
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, &sc) in row.iter().enumerate() {
-                        if !hidden(j) {
-                            max = max.max(sc);
+                for c0 in (0..t).step_by(block) {
+                    let n = block.min(t - c0);
+                    let rows = group * n;
+                    // Keys this block may see: from its first query's lowest to its last's
+                    // highest (both grow with the position).
+                    let (_, k_lo, _) = self.visible(c0, s);
+                    let (_, _, k_hi) = self.visible(c0 + n - 1, s);
+                    let keys = k_hi + 1 - k_lo;
+                    for gi in 0..group {
+                        for i in 0..n {
+                            let r = gi * n + i;
+                            qbuf[r * d..(r + 1) * d].copy_from_slice(q.row(
+                                bi,
+                                kh * group + gi,
+                                c0 + i,
+                                d,
+                            ));
                         }
                     }
-                    let mut sum = 0f32;
-                    for (j, sc) in row.iter_mut().enumerate() {
-                        *sc = if hidden(j) { 0.0 } else { (*sc - max).exp() };
-                        sum += *sc;
+                    let (ks, vs) = (&kp[k_lo * k.stride[2]..], &vp[k_lo * v.stride[2]..]);
+                    let sc = &mut scores[..rows * keys];
+                    // SAFETY: qbuf holds rows×d floats and sc rows×keys; `rows` checked that s
+                    // rows of d floats at the view's row stride lie inside the storage, and
+                    // k_lo + keys <= s.
+                    unsafe {
+                        cblas::cblas_sgemm(
+                            cblas::ROW_MAJOR,
+                            cblas::NO_TRANS,
+                            cblas::TRANS,
+                            rows as i32,
+                            keys as i32,
+                            d as i32,
+                            self.scale,
+                            qbuf.as_ptr(),
+                            d as i32,
+                            ks.as_ptr(),
+                            k.stride[2] as i32,
+                            0.0,
+                            sc.as_mut_ptr(),
+                            keys as i32,
+                        );
                     }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                });
-                // SAFETY: scores is rows×s, res rows×d; `rows` checked v's extent as above.
-                unsafe {
-                    cblas::cblas_sgemm(
-                        cblas::ROW_MAJOR,
-                        cblas::NO_TRANS,
-                        cblas::NO_TRANS,
-                        rows as i32,
-                        d as i32,
-                        s as i32,
-                        1.0,
-                        scores.as_ptr(),
-                        s as i32,
-                        vp.as_ptr(),
-                        v.stride[2] as i32,
-                        0.0,
-                        res.as_mut_ptr(),
-                        d as i32,
-                    );
-                }
-                for gi in 0..group {
-                    let hi = kh * group + gi;
-                    for i in 0..t {
-                        let r = gi * t + i;
-                        let o = ((bi * t + i) * h + hi) * d;
-                        out[o..o + d].copy_from_slice(&res[r * d..(r + 1) * d]);
+                    sc.par_chunks_mut(keys).enumerate().for_each(|(r, row)| {
+                        let (qa, lo, hi_key) = self.visible(c0 + r % n, s);
+                        let hidden = |j: usize| j < lo || j > hi_key || (j < pad && j != qa);
+                        let mut max = f32::NEG_INFINITY;
+                        for (jj, &x) in row.iter().enumerate() {
+                            if !hidden(k_lo + jj) {
+                                max = max.max(x);
+                            }
+                        }
+                        let mut sum = 0f32;
+                        for (jj, x) in row.iter_mut().enumerate() {
+                            *x = if hidden(k_lo + jj) {
+                                0.0
+                            } else {
+                                (*x - max).exp()
+                            };
+                            sum += *x;
+                        }
+                        let inv = 1.0 / sum;
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    });
+                    // SAFETY: sc is rows×keys, res rows×d; v's extent checked as above.
+                    unsafe {
+                        cblas::cblas_sgemm(
+                            cblas::ROW_MAJOR,
+                            cblas::NO_TRANS,
+                            cblas::NO_TRANS,
+                            rows as i32,
+                            d as i32,
+                            keys as i32,
+                            1.0,
+                            sc.as_ptr(),
+                            keys as i32,
+                            vs.as_ptr(),
+                            v.stride[2] as i32,
+                            0.0,
+                            res.as_mut_ptr(),
+                            d as i32,
+                        );
+                    }
+                    for gi in 0..group {
+                        let hi = kh * group + gi;
+                        for i in 0..n {
+                            let r = gi * n + i;
+                            let o = ((bi * t + c0 + i) * h + hi) * d;
+                            out[o..o + d].copy_from_slice(&res[r * d..(r + 1) * d]);
+                        }
                     }
                 }
             }
@@ -606,15 +638,16 @@ mod tests {
     /// The fused kernel against plain ops with the additive mask: GQA, left padding, a KV
     /// history (past > 0) and a sliding window; queries laid out as the model passes them
     /// (heads split from `(b, t, h·d)`, so strided). Five positions take the scalar path,
-    /// twelve (24 query rows per KV head) the sgemm path.
+    /// twelve (24 query rows per KV head) the sgemm path, in one block of queries or in blocks
+    /// of 5 and 1 (a last block shorter than the others; key ranges cut per block).
     #[test]
     fn fused_attention_matches_plain_ops() {
-        for t in [5, 12] {
-            fused_attention_case(t);
+        for (t, block) in [(5, QUERY_BLOCK), (12, QUERY_BLOCK), (12, 5), (12, 1)] {
+            fused_attention_case(t, block);
         }
     }
 
-    fn fused_attention_case(t: usize) {
+    fn fused_attention_case(t: usize, query_block: usize) {
         let dev = Device::Cpu;
         let (b, h, kvh, past, d) = (2, 4, 2, 3, 8);
         let q = filled(&[b, t, h, d], 3).transpose(1, 2).unwrap();
@@ -641,6 +674,7 @@ mod tests {
                         past,
                         window,
                         scale: 0.3,
+                        query_block,
                     },
                 )
                 .unwrap();
@@ -678,7 +712,10 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(diff < 1e-5, "t {t}, window {window:?}: {diff}");
+            assert!(
+                diff < 1e-5,
+                "t {t}, block {query_block}, window {window:?}: {diff}"
+            );
         }
     }
 }

@@ -239,6 +239,7 @@ pub(crate) fn attention(
             past: fwd.past(),
             window,
             scale: scale as f32,
+            query_block: super::kernels::QUERY_BLOCK,
         };
         return Ok(q.apply_op3_no_bwd(k, v, &op)?);
     }

@@ -154,6 +154,15 @@ pub fn run(g: &Global, a: BenchArgs) -> Result<()> {
     let m = model.expect("at least one run");
     let lm = m.model.as_ref();
     let vocab = lm.spec().vocab_size;
+    // The decode steps continue the prompt, so both must fit the model's positions.
+    let ctx = lm.spec().context_length;
+    anyhow::ensure!(
+        a.prompt_tokens + a.decode_tokens <= ctx,
+        "--prompt-tokens {} + --decode-tokens {} exceed the model's context length {ctx}",
+        a.prompt_tokens,
+        a.decode_tokens
+    );
+    anyhow::ensure!(a.prompt_tokens > 0, "--prompt-tokens must be at least 1");
     let mut throughput = std::collections::BTreeMap::new();
     for &b in &a.batches {
         let ids = prompt(b, a.prompt_tokens, vocab);

@@ -4,6 +4,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::fastmath::{exp_sub_sum, max_of};
+
 /// Rows of `x` up to which the streaming kernel beats the GEMM on CPU.
 const SMALL_M: usize = 16;
 /// Weight rows per parallel task.
@@ -453,25 +455,18 @@ impl CpuAttention {
                         );
                     }
                     sc.par_chunks_mut(keys).enumerate().for_each(|(r, row)| {
+                        // A row's visible keys are one run: a left-padding query sees only
+                        // itself, a real one from the window's start (past the padding) to
+                        // itself. Hidden scores become 0 weights.
                         let (qa, lo, hi_key) = self.visible(c0 + r % n, s);
-                        let hidden = |j: usize| j < lo || j > hi_key || (j < pad && j != qa);
-                        let mut max = f32::NEG_INFINITY;
-                        for (jj, &x) in row.iter().enumerate() {
-                            if !hidden(k_lo + jj) {
-                                max = max.max(x);
-                            }
-                        }
-                        let mut sum = 0f32;
-                        for (jj, x) in row.iter_mut().enumerate() {
-                            *x = if hidden(k_lo + jj) {
-                                0.0
-                            } else {
-                                (*x - max).exp()
-                            };
-                            sum += *x;
-                        }
+                        let first = if qa < pad { qa } else { lo.max(pad) };
+                        let (a, e) = (first - k_lo, hi_key + 1 - k_lo);
+                        row[..a].fill(0.0);
+                        row[e..].fill(0.0);
+                        let live = &mut row[a..e];
+                        let sum = exp_sub_sum(live, max_of(live));
                         let inv = 1.0 / sum;
-                        row.iter_mut().for_each(|x| *x *= inv);
+                        live.iter_mut().for_each(|x| *x *= inv);
                     });
                     // SAFETY: sc is rows×keys, res rows×d; v's extent checked as above.
                     unsafe {
@@ -554,11 +549,7 @@ impl candle_core::CustomOp3 for CpuAttention {
                         };
                         max = max.max(*sc);
                     }
-                    let mut sum = 0f32;
-                    for sc in visible.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
+                    let sum = exp_sub_sum(visible, max);
                     let o = &mut res[i * d..(i + 1) * d];
                     for (off, &e) in visible.iter().enumerate() {
                         let p = e / sum;

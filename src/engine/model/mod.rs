@@ -3,6 +3,7 @@
 mod arch;
 pub mod batch;
 mod error;
+mod fastmath;
 pub mod generate;
 pub mod gguf;
 pub mod gpt2;

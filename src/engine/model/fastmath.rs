@@ -1,4 +1,4 @@
-//! A vectorisable `exp` for the attention softmax. `f32::exp` is a libm call per element, which
+//! A vectorisable `exp` for the attention softmax and the scoring log-softmax. `f32::exp` is a libm call per element, which
 //! the compiler cannot vectorise; in a long prefill the softmax runs it on every score of the
 //! causal square (about 9·10⁹ times for one 8,192-token window of the default model), which
 //! costs as much as the two sgemms around it. This version works on fixed-size chunks of
@@ -71,6 +71,26 @@ pub(crate) fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
     sum
 }
 
+/// `Σ e^(x − max)` over `xs` without writing them (a log-softmax normaliser over logits that
+/// other readers still need). `max` must be at least every element.
+pub(crate) fn sum_exp_sub(xs: &[f32], max: f32) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let chunks = xs.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let c: &[f32; L] = c.try_into().expect("chunk of L");
+        for j in 0..L {
+            acc[j] += exp_nonpos(c[j] - max);
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for &x in rest {
+        sum += exp_nonpos(x - max);
+    }
+    sum
+}
+
 /// The maximum of a non-empty slice, in 16 lanes (vectorises where `fold(f32::max)` does not).
 pub(crate) fn max_of(xs: &[f32]) -> f32 {
     const L: usize = 16;
@@ -133,6 +153,7 @@ mod tests {
                 (sum - want_sum).abs() <= 1e-5 * want_sum,
                 "{sum} vs {want_sum}"
             );
+            assert_eq!(sum_exp_sub(&xs, max), sum, "same lanes, same order");
         }
     }
 }

@@ -1,5 +1,5 @@
-//! A vectorisable `exp` for the attention softmax and the scoring log-softmax. `f32::exp` is a libm call per element, which
-//! the compiler cannot vectorise; in a long prefill the softmax runs it on every score of the
+//! A vectorisable `exp` for the attention softmax and the scoring log-softmax. `f32::exp` is a
+//! libm call per element, which the compiler cannot vectorise; in a long prefill the softmax runs it on every score of the
 //! causal square (about 9·10⁹ times for one 8,192-token window of the default model), which
 //! costs as much as the two sgemms around it. This version works on fixed-size chunks of
 //! plain arithmetic that LLVM turns into AVX2/AVX-512 code.

@@ -350,7 +350,7 @@ struct Picked {
 
 /// [`log_softmax_pick`] in one read of each CPU row, without the three vocabulary-wide
 /// intermediates the tensor ops allocate (for an 8,192-token WikiText window each is 1.6 GB of
-/// fresh pages, and their page faults were a quarter of an evaluation's CPU time). `None` when
+/// fresh pages, faulted in one by one: most of a WikiText run's system time). `None` when
 /// the logits are not a contiguous f32 CPU tensor or hold a NaN or infinity: the tensor path
 /// then keeps its semantics for a broken model.
 fn log_softmax_pick_cpu(logits: &Tensor, targets: &[u32]) -> Result<Option<Picked>> {

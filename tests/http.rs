@@ -630,9 +630,14 @@ async fn restart_keeps_sessions(db: Option<&str>) {
         2,
         "both live sessions restored, the deleted one stays deleted: {list}"
     );
-    // The listing's documented order is (created_at, id); sessions created in the same
-    // millisecond follow their ids, not the order they were made in.
-    let key = |s: &Value| (s["created_at"].to_string(), s["id"].to_string());
+    // The listing's documented order is (created_at, id) as strings; sessions created in the
+    // same millisecond follow their ids, not the order they were made in.
+    let key = |s: &Value| {
+        (
+            s["created_at"].as_str().map(String::from),
+            s["id"].as_str().map(String::from),
+        )
+    };
     ids.sort_by_key(key);
     for (g, want) in got.iter().zip(&ids) {
         assert_eq!(*g, want);

@@ -1,14 +1,15 @@
 //! A vectorisable `exp` for the attention softmax and the scoring log-softmax. `f32::exp` is a
-//! libm call per element, which the compiler cannot vectorise; in a long prefill the softmax runs it on every score of the
-//! causal square (about 9·10⁹ times for one 8,192-token window of the default model), which
-//! costs as much as the two sgemms around it. This version works on fixed-size chunks of
-//! plain arithmetic that LLVM turns into AVX2/AVX-512 code.
+//! libm call per element, which the compiler cannot vectorise; in a long prefill the softmax
+//! runs it on every score of the causal square (about 9·10⁹ times for one 8,192-token window
+//! of the default model), which costs as much as the two sgemms around it. This version works
+//! on fixed-size chunks of plain arithmetic that LLVM turns into AVX2/AVX-512 code.
 //!
-//! Method: `eˣ = 2ⁿ · eʳ` with `n` = x·log₂e rounded to the nearest integer and `r = x − n·ln 2` (ln 2 split in two for
-//! precision), `eʳ` by the minimax polynomial of degree 6 on `|r| ≤ ln 2 / 2` (Cephes' `expf`
-//! coefficients) and `2ⁿ` built from the exponent bits. Relative error ≤ 2 ulp for the inputs
-//! softmax gives it (`x ≤ 0`); below `MIN_ARG` the result is exactly 0, as `f32::exp` would
-//! round any such value into the subnormals that carry no weight next to the row's maximum.
+//! Method: `eˣ = 2ⁿ · eʳ` with `n` = x·log₂e rounded to the nearest integer and
+//! `r = x − n·ln 2` (ln 2 split in two for precision), `eʳ` by the minimax polynomial of
+//! degree 6 on `|r| ≤ ln 2 / 2` (Cephes' `expf` coefficients) and `2ⁿ` built from the exponent
+//! bits. Relative error ≤ 2 ulp for the inputs softmax gives it (`x ≤ 0`); below `MIN_ARG` the
+//! result is exactly 0, as `f32::exp` would round any such value into the subnormals that
+//! carry no weight next to the row's maximum.
 
 /// Below this (ln of the smallest normal f32) `exp` returns 0.
 const MIN_ARG: f32 = -87.336_55;

@@ -353,11 +353,19 @@ impl Engine {
 
 /// Prepared overlays kept per `(session, version)`; derived data, rebuilt on a miss.
 struct OverlayCache {
-    entries: VecDeque<((String, u64), Arc<PreparedOverlay>)>,
+    /// Most recently used first; each with the version it was prepared for, so a miss can
+    /// start from its parent's entry.
+    entries: VecDeque<CachedOverlay>,
     capacity: usize,
     /// The last shared evaluation context's KV cache (one MMLU subject's few-shot prefix
     /// spans many evaluation chunks).
     prefix_kv: PrefixKv,
+}
+
+struct CachedOverlay {
+    key: (String, u64),
+    overlay: Arc<Overlay>,
+    prepared: Arc<PreparedOverlay>,
 }
 
 impl OverlayCache {
@@ -369,14 +377,29 @@ impl OverlayCache {
         let Some(key) = view.key() else {
             return Ok(Arc::new(PreparedOverlay::default()));
         };
-        if let Some(i) = self.entries.iter().position(|(k, _)| *k == key) {
+        if let Some(i) = self.entries.iter().position(|e| e.key == key) {
             let e = self.entries.remove(i).expect("index in range");
-            let p = e.1.clone();
+            let p = e.prepared.clone();
             self.entries.push_front(e);
             return Ok(p);
         }
-        let p = Arc::new(view.overlay.prepare(model.model.as_ref())?);
-        self.entries.push_front((key, p.clone()));
+        // A session's next version usually follows one that is cached (the edit that made it
+        // ran on it): prepare only the new deltas on top.
+        let parent = view.overlay.parent().and_then(|parent| {
+            self.entries
+                .iter()
+                .find(|e| Arc::ptr_eq(&e.overlay, parent))
+        });
+        let lm = model.model.as_ref();
+        let p = Arc::new(match parent {
+            Some(e) => view.overlay.prepare_on(lm, &e.prepared)?,
+            None => view.overlay.prepare(lm)?,
+        });
+        self.entries.push_front(CachedOverlay {
+            key,
+            overlay: view.overlay.clone(),
+            prepared: p.clone(),
+        });
         self.entries.truncate(self.capacity);
         Ok(p)
     }
@@ -634,9 +657,10 @@ fn run_on(
                     tracing::info_span!("edit", method = %method, requests = requests.len())
                         .entered();
                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    editing::apply(
+                    editing::apply_prepared(
                         model,
                         &view.overlay,
+                        lm.overlay.clone(),
                         method,
                         &requests,
                         &hparams,

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::engine::model::loader::ModelInfo;
 use crate::engine::model::{CausalLm, LoadedModel, Tok};
-use crate::engine::overlay::{Edited, Overlay};
+use crate::engine::overlay::{Edited, Overlay, PreparedOverlay};
 
 /// What the engine keeps for editing between jobs: statistics and context templates, both
 /// computed on the base model once.
@@ -88,6 +88,24 @@ pub fn apply(
     opts: MeasureOptions,
     ctx: &EditContext,
 ) -> Result<Vec<EditStep>, EditError> {
+    let prepared = Arc::new(base.prepare(model.model.as_ref())?);
+    apply_prepared(
+        model, base, prepared, method, requests, overrides, opts, ctx,
+    )
+}
+
+/// [`apply`] with `base` already prepared (the engine keeps prepared overlays per version).
+#[allow(clippy::too_many_arguments)] // `apply`'s arguments plus the prepared overlay
+pub fn apply_prepared(
+    model: &LoadedModel,
+    base: &Arc<Overlay>,
+    prepared: Arc<PreparedOverlay>,
+    method: Method,
+    requests: &[EditRequest],
+    overrides: &Value,
+    opts: MeasureOptions,
+    ctx: &EditContext,
+) -> Result<Vec<EditStep>, EditError> {
     let lm = model.model.as_ref();
     let tok = &model.tokenizer;
     let spec = lm.spec();
@@ -99,8 +117,9 @@ pub fn apply(
         requests.iter().map(|r| vec![r]).collect()
     };
     let mut current = base.clone();
-    // Each step's edited model is the next step's starting point: prepared once.
-    let mut view = Edited::new(lm, Arc::new(current.prepare(lm)?));
+    // Each step's edited model is the next step's starting point: prepared once, from the one
+    // before it.
+    let mut view = Edited::new(lm, prepared);
     let mut steps = Vec::with_capacity(groups.len());
     for group in groups {
         let start = Instant::now();
@@ -129,7 +148,7 @@ pub fn apply(
                 let st = ctx
                     .stats
                     .get(lm, tok, &ctx.model_sha256, &h.layers, h.mom2_samples)?;
-                memit::edit(lm, &current, tok, &group, &h, &templates, &st)?
+                memit::edit(&view, &current, tok, &group, &h, &templates, &st)?
             }
             Method::FtL | Method::FtM => {
                 let h: FtHparams = hparams::parse(&resolved)?;
@@ -139,7 +158,7 @@ pub fn apply(
         let compute_ms = compute_start.elapsed().as_secs_f64() * 1e3;
         let post_start = Instant::now();
         let next = Overlay::push(&current, deltas.clone());
-        let after = Edited::new(lm, Arc::new(next.prepare(lm)?));
+        let after = Edited::new(lm, Arc::new(next.prepare_on(lm, &view.overlay)?));
         let post = measure(&after, tok, &group, Some(&pre), opts.fluency)?;
         let reports = pre
             .into_iter()

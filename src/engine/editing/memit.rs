@@ -14,11 +14,11 @@ use serde_json::{json, Value};
 use super::rome::{compute_v, locate, mean_key, read_at, VParams};
 use super::stats::LayerStats;
 use super::{EditError, EditRequest, MemitHparams};
-use crate::engine::model::{CausalLm, Site, SiteKind, Tok};
+use crate::engine::model::{Site, SiteKind, Tok};
 use crate::engine::overlay::{Delta, Edited, Overlay};
 
 pub(super) fn edit(
-    base: &dyn CausalLm,
+    model: &Edited<'_>,
     current: &Arc<Overlay>,
     tok: &Tok,
     reqs: &[&EditRequest],
@@ -28,8 +28,7 @@ pub(super) fn edit(
 ) -> Result<(Vec<Delta>, Value), EditError> {
     let z_layer = *h.layers.last().expect("layers checked non-empty");
     let z_site = Site::new(z_layer, SiteKind::Residual);
-    let prepared = Arc::new(current.prepare(base)?);
-    let model = Edited::new(base, prepared);
+    let base = model.base;
     let dev = base.device().clone();
     let vp = VParams {
         lr: h.v_lr,
@@ -41,7 +40,7 @@ pub(super) fn edit(
     let mut zs = Vec::with_capacity(reqs.len());
     let mut v_diag = Vec::with_capacity(reqs.len());
     for r in reqs {
-        let (z, _, d) = compute_v(&model, tok, r, templates, z_site, &vp)?;
+        let (z, _, d) = compute_v(model, tok, r, templates, z_site, &vp)?;
         zs.push(z);
         v_diag.push(d);
     }
@@ -63,7 +62,7 @@ pub(super) fn edit(
     for (i, (&layer, st)) in h.layers.iter().zip(stats).enumerate() {
         // The model with this step's lower-layer updates applied.
         let step = Overlay::push(current, deltas.clone());
-        let view = Edited::new(base, Arc::new(step.prepare(base)?));
+        let view = Edited::new(base, Arc::new(step.prepare_on(base, &model.overlay)?));
         let keys: Vec<Tensor> = reqs
             .iter()
             .map(|r| mean_key(&view, tok, r, templates, layer))

@@ -19,7 +19,7 @@ mod ft;
 mod memit;
 mod rome;
 
-pub use compute::{apply, remeasure, EditContext, MeasureOptions};
+pub use compute::{apply, apply_prepared, remeasure, EditContext, MeasureOptions};
 pub use hparams::{FtHparams, MemitHparams, RomeHparams};
 pub use metrics::{EditMetrics, EditReport, PromptScore};
 

@@ -17,7 +17,7 @@ use emend::engine::editing::{
     self, EditContext, EditRequest, EditStep, EditingEnv, MeasureOptions, Method,
 };
 use emend::engine::model::{CausalLm, Forward, LoadedModel};
-use emend::engine::overlay::{Edited, Overlay};
+use emend::engine::overlay::{Edited, Overlay, PreparedOverlay};
 
 use super::bench::peak_rss_mb;
 use super::{load, Global};
@@ -76,15 +76,28 @@ impl Bench<'_> {
         method: Method,
         reqs: &[EditRequest],
     ) -> Result<Vec<EditStep>> {
+        let prepared = Arc::new(base.prepare(self.m.model.as_ref())?);
+        self.apply_prepared(base, prepared, method, reqs)
+    }
+
+    /// `apply` on a `base` already prepared, as the server's overlay cache hands it over.
+    fn apply_prepared(
+        &self,
+        base: &Arc<Overlay>,
+        prepared: Arc<PreparedOverlay>,
+        method: Method,
+        reqs: &[EditRequest],
+    ) -> Result<Vec<EditStep>> {
         let _span = tracing::info_span!("bench_edit", %method, requests = reqs.len()).entered();
         // Only ROME and MEMIT read statistics (and accept the override).
         let h = match method {
             Method::Rome | Method::Memit => json!({"mom2_samples": self.samples}),
             _ => Value::Null,
         };
-        Ok(editing::apply(
+        Ok(editing::apply_prepared(
             self.m,
             base,
+            prepared,
             method,
             reqs,
             &h,
@@ -127,7 +140,8 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
         None => None,
     };
     let records = datasets::load(EditDataset::Counterfact, &data_dir)?;
-    let need = a.runs.max(a.memit_batch).max(a.sequential);
+    // The sequential chain's next record is the edit timed on top of each depth.
+    let need = a.runs.max(a.memit_batch).max(a.sequential + 1);
     if records.len() < need {
         bail!("CounterFact has {} records, {need} needed", records.len());
     }
@@ -273,24 +287,43 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
         "—".into(),
     ));
 
-    // Overlay mechanics at depth: the chain's real deltas repeated.
+    // Overlay mechanics at depth: the chain's real deltas repeated; then one more real ROME
+    // edit (the next CounterFact record) on top, as a session at that depth would serve it.
     let deltas: Vec<_> = seq.iter().map(|s| s.deltas.clone()).collect();
+    let next = std::slice::from_ref(&cf[a.sequential]);
     let base_fwd = forward_seconds(lm, 5)?;
+    let base_edit = b.apply(&base, Method::Rome, next)?;
     let mut depth_rows = Vec::new();
-    depth_rows.push(json!({"depth": 0, "forward_s": base_fwd, "prepare_s": 0.0, "overlay_mb": 0.0, "prepared_mb": 0.0}));
+    depth_rows.push(
+        json!({"depth": 0, "forward_s": base_fwd, "prepare_s": 0.0, "prepare_on_s": 0.0,
+        "edit_s": base_edit[0].duration_ms as f64 / 1e3, "overlay_mb": 0.0, "prepared_mb": 0.0}),
+    );
     for &depth in &a.stack {
-        let mut o = Overlay::base();
-        for i in 0..depth {
-            o = Overlay::push(&o, deltas[i % deltas.len()].clone());
+        let mut parent = Overlay::base();
+        for i in 0..depth.saturating_sub(1) {
+            parent = Overlay::push(&parent, deltas[i % deltas.len()].clone());
         }
+        let o = if depth == 0 {
+            parent.clone()
+        } else {
+            Overlay::push(&parent, deltas[(depth - 1) % deltas.len()].clone())
+        };
         let t = Instant::now();
         let prepared = Arc::new(o.prepare(lm)?);
         let prepare_s = t.elapsed().as_secs_f64();
+        let parent_prepared = parent.prepare(lm)?;
+        let t = Instant::now();
+        o.prepare_on(lm, &parent_prepared)?;
+        let prepare_on_s = t.elapsed().as_secs_f64();
         let view = Edited::new(lm, prepared.clone());
+        let forward_s = forward_seconds(&view, 5)?;
+        let edit = b.apply_prepared(&o, prepared.clone(), Method::Rome, next)?;
         depth_rows.push(json!({
             "depth": depth,
-            "forward_s": forward_seconds(&view, 5)?,
+            "forward_s": forward_s,
             "prepare_s": prepare_s,
+            "prepare_on_s": prepare_on_s,
+            "edit_s": edit[0].duration_ms as f64 / 1e3,
             "overlay_mb": o.bytes() as f64 / 1e6,
             "prepared_mb": prepared.bytes() as f64 / 1e6,
         }));
@@ -356,16 +389,21 @@ fn render(
         s.push_str(&format!("| {what} | {ours} | {theirs} |\n"));
     }
     s.push_str(&format!(
-        "\nOverlay at depth (the {}-edit chain's real ROME deltas repeated; a 32-token forward, median of 5). Peak RSS of the whole run: {rss:.0} MB.\n\n",
-        a.sequential
+        "\nOverlay at depth (the {}-edit chain's real ROME deltas repeated; a 32-token forward, median of 5; \
+         prepare: the whole chain from scratch, as after a restart; on parent: from the version \
+         below, as a sequential edit and the engine's overlay cache do; edit: one more real ROME edit, \
+         CounterFact record {}, with metrics, on that model, one run). Peak RSS of the whole run: {rss:.0} MB.\n\n",
+        a.sequential, a.sequential
     ));
-    s.push_str("| stacked edits | forward (s) | prepare (s) | deltas (MB) | prepared overlay (MB) |\n|---:|---:|---:|---:|---:|\n");
+    s.push_str("| stacked edits | forward (s) | prepare (s) | prepare on parent (s) | ROME edit on top (s) | deltas (MB) | prepared overlay (MB) |\n|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in depth {
         s.push_str(&format!(
-            "| {} | {:.3} | {:.3} | {:.2} | {:.2} |\n",
+            "| {} | {:.3} | {:.3} | {:.4} | {:.2} | {:.2} | {:.2} |\n",
             r["depth"],
             r["forward_s"].as_f64().unwrap_or(0.0),
             r["prepare_s"].as_f64().unwrap_or(0.0),
+            r["prepare_on_s"].as_f64().unwrap_or(0.0),
+            r["edit_s"].as_f64().unwrap_or(0.0),
             r["overlay_mb"].as_f64().unwrap_or(0.0),
             r["prepared_mb"].as_f64().unwrap_or(0.0),
         ));

@@ -15,7 +15,7 @@ use emend::engine::editing::datasets::{self, EditDataset};
 use emend::engine::editing::{self, EditContext, MeasureOptions};
 use emend::engine::eval::{evaluate, get_task, EvalOptions, ModelBackend};
 use emend::engine::model::LoadedModel;
-use emend::engine::overlay::{Edited, Overlay};
+use emend::engine::overlay::{Edited, Overlay, PreparedOverlay};
 use emend::jobs::chart::{self, ChartError};
 use emend::jobs::sweep::{
     check_hparams, check_methods, curve_csv, curve_json, headline_metrics, mean_metrics,
@@ -142,14 +142,17 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
     for &method in &methods {
         let hparams = spec.hparams_for(method.name());
         let mut overlay = Overlay::base();
+        // Each version prepared from the one before (the chain is never summed again).
+        let mut prepared = Arc::new(overlay.prepare(m.model.as_ref())?);
         let mut reports = Vec::new();
         let mut applied = 0;
         for &c in &a.checkpoints {
             while applied < c {
                 let t = std::time::Instant::now();
-                let steps = editing::apply(
+                let steps = editing::apply_prepared(
                     &m,
                     &overlay,
+                    prepared.clone(),
                     method,
                     std::slice::from_ref(&records[applied]),
                     &hparams,
@@ -164,6 +167,7 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
                             .map(|r| serde_json::to_value(r).unwrap_or_default()),
                     );
                     overlay = Overlay::push(&overlay, s.deltas);
+                    prepared = Arc::new(overlay.prepare_on(m.model.as_ref(), &prepared)?);
                 }
                 applied += 1;
                 tracing::info!(
@@ -184,8 +188,17 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
                 },
                 None => CurveRow {
                     method: method.name().to_string(),
-                    ..checkpoint(&m, &overlay, &a.tasks, &opts, &dir, &records[..c], &reports)
-                        .with_context(|| format!("{} checkpoint {c}", method.name()))?
+                    ..checkpoint(
+                        &m,
+                        &overlay,
+                        &prepared,
+                        &a.tasks,
+                        &opts,
+                        &dir,
+                        &records[..c],
+                        &reports,
+                    )
+                    .with_context(|| format!("{} checkpoint {c}", method.name()))?
                 },
             };
             rows.push(row);
@@ -203,19 +216,18 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
 
 /// The overlay's model evaluated: the tasks, the edits so far re-measured, and the at-apply
 /// metrics averaged.
+#[allow(clippy::too_many_arguments)] // the sweep's state at one checkpoint
 fn checkpoint(
     m: &LoadedModel,
     overlay: &Overlay,
+    prepared: &Arc<PreparedOverlay>,
     tasks: &[String],
     opts: &EvalOptions,
     dir: &Path,
     edits: &[editing::EditRequest],
     reports: &[serde_json::Value],
 ) -> Result<CurveRow> {
-    let edited = Edited::new(
-        m.model.as_ref(),
-        Arc::new(overlay.prepare(m.model.as_ref())?),
-    );
+    let edited = Edited::new(m.model.as_ref(), prepared.clone());
     let mut backend = ModelBackend::new(&edited, &m.tokenizer);
     let res = evaluate(tasks, opts, dir, &mut backend, &mut |_, _| true)?;
     let tasks = res

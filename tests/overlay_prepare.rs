@@ -54,7 +54,7 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 fn assert_same(a: &PreparedOverlay, b: &PreparedOverlay, what: &str) {
-    for layer in 0..30 {
+    for layer in 0..default_model().model.spec().n_layers {
         match (a.layer(layer), b.layer(layer)) {
             (None, None) => {}
             (Some(LayerPatch::Dense { weight: x }), Some(LayerPatch::Dense { weight: y })) => {

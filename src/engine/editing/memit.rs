@@ -17,6 +17,8 @@ use super::{EditError, EditRequest, MemitHparams};
 use crate::engine::model::{Site, SiteKind, Tok};
 use crate::engine::overlay::{Delta, Edited, Overlay};
 
+/// MEMIT on `model`, the session's current model: the base with `current`'s prepared overlay
+/// (each layer step prepares its lower-layer updates on top of that overlay).
 pub(super) fn edit(
     model: &Edited<'_>,
     current: &Arc<Overlay>,

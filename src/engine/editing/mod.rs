@@ -46,6 +46,11 @@ pub enum Method {
 impl Method {
     pub const ALL: [Method; 4] = [Self::Rome, Self::Memit, Self::FtL, Self::FtM];
 
+    /// Every registered method, in registry order.
+    pub fn all() -> Vec<Method> {
+        Self::ALL.to_vec()
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Rome => "rome",
@@ -364,4 +369,14 @@ pub struct EditStep {
     /// Method diagnostics: loss curve of `v*`, norms, layers.
     pub diagnostics: serde_json::Value,
     pub duration_ms: u64,
+}
+
+impl EditStep {
+    /// The version this step makes on top of `parent`.
+    pub fn version_on(
+        &self,
+        parent: &std::sync::Arc<super::overlay::Overlay>,
+    ) -> std::sync::Arc<super::overlay::Overlay> {
+        super::overlay::Overlay::push(parent, self.deltas.clone())
+    }
 }

@@ -203,8 +203,10 @@ def main():
         times.append(time.perf_counter() - t0)
 
     ours = load_file(os.path.join(a.dump, "step-0.safetensors"))
-    u = ours[f"0.{layer}.u"].flatten()
-    v = ours[f"0.{layer}.v"].flatten()
+    # Format version 2 (`delta.{i}.{layer}.{linear}.{part}`); version 1 dumps had `{i}.{layer}.{part}`.
+    at = f"delta.0.{layer}.mlp.down" if f"delta.0.{layer}.mlp.down.u" in ours else f"0.{layer}"
+    u = ours[f"{at}.u"].flatten()
+    v = ours[f"{at}.v"].flatten()
     # cos(u1 v1ᵀ, u2 v2ᵀ) = cos(u1, u2) · cos(v1, v2) for rank-one matrices.
     cos_delta = cosine(u, out["u"]) * cosine(v, out["v"])
     report = {

@@ -174,7 +174,7 @@ impl Metrics {
         r.register(Box::new(m.eval_job_duration_seconds.clone()))
             .unwrap();
         // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
-        for method in crate::engine::editing::Method::ALL {
+        for method in crate::engine::editing::Method::all() {
             for outcome in ["ok", "invalid", "failed"] {
                 m.edits_total.with_label_values(&[method.name(), outcome]);
             }

@@ -12,10 +12,14 @@ use emend::engine::editing::{
 };
 use emend::engine::model::generate::{generate, GenParams};
 use emend::engine::model::{CausalLm, LoadedModel};
-use emend::engine::overlay::{from_safetensors, to_safetensors, Edited, Overlay};
+use emend::engine::overlay::{decode, encode, Edited, Overlay};
 use serde_json::{json, Value};
 
 use common::{all_logits, default_model, shared_dir};
+
+fn rome() -> Method {
+    "rome".parse().unwrap()
+}
 
 fn ctx() -> &'static EditContext {
     static CTX: OnceLock<EditContext> = OnceLock::new();
@@ -61,9 +65,7 @@ fn apply(base: &Arc<Overlay>, method: Method, reqs: &[EditRequest], h: Value) ->
 }
 
 fn chain(base: &Arc<Overlay>, steps: &[EditStep]) -> Arc<Overlay> {
-    steps
-        .iter()
-        .fold(base.clone(), |o, s| Overlay::push(&o, s.deltas.clone()))
+    steps.iter().fold(base.clone(), |o, s| s.version_on(&o))
 }
 
 fn view<'a>(m: &'a LoadedModel, o: &Overlay) -> Edited<'a> {
@@ -110,12 +112,7 @@ fn rome_moves_the_eiffel_tower_to_rome_and_leaves_the_louvre_in_paris() {
 
     let base = Overlay::base();
     // Fewer statistics samples than the default keep CI short; the edit is the same method.
-    let steps = apply(
-        &base,
-        Method::Rome,
-        &[eiffel()],
-        json!({"mom2_samples": STATS}),
-    );
+    let steps = apply(&base, rome(), &[eiffel()], json!({"mom2_samples": STATS}));
     assert_eq!(steps.len(), 1);
     let r = &steps[0].reports[0];
     assert!(r.pre.reliability < 0.5, "{:?}", r.pre);
@@ -141,7 +138,12 @@ fn memit_writes_ten_counterfact_records_at_once() {
     let all = datasets::load(EditDataset::Counterfact, &shared_dir().join("data")).unwrap();
     let reqs: Vec<EditRequest> = all.into_iter().take(10).map(|r| r.request).collect();
     let base = Overlay::base();
-    let steps = apply(&base, Method::Memit, &reqs, json!({"mom2_samples": STATS}));
+    let steps = apply(
+        &base,
+        "memit".parse().unwrap(),
+        &reqs,
+        json!({"mom2_samples": STATS}),
+    );
     assert_eq!(steps.len(), 1, "MEMIT makes one version for the batch");
     let n = steps[0].reports.len() as f64;
     let rel: f64 = steps[0]
@@ -187,12 +189,12 @@ fn sequential_edits_roll_back_bit_identically_and_survive_serialisation() {
     let base = Overlay::base();
     let base_logits = all_logits(lm, &probe);
     // FT-M keeps the test quick; the overlay mechanics are the same for every method.
-    let steps = apply(&base, Method::FtM, &reqs, json!({"steps": 5}));
+    let steps = apply(&base, "ft-m".parse().unwrap(), &reqs, json!({"steps": 5}));
     assert_eq!(steps.len(), 5, "one version per sequential edit");
     let mut versions = vec![base.clone()];
     let mut recorded = vec![base_logits.clone()];
     for s in &steps {
-        let v = Overlay::push(versions.last().unwrap(), s.deltas.clone());
+        let v = s.version_on(versions.last().unwrap());
         recorded.push(all_logits(&view(m, &v), &probe));
         versions.push(v);
     }
@@ -203,9 +205,9 @@ fn sequential_edits_roll_back_bit_identically_and_survive_serialisation() {
     // Rebuilt from the stored bytes (what a restart does): identical logits at every version.
     let mut rebuilt = Overlay::base();
     for (k, s) in steps.iter().enumerate() {
-        let bytes = to_safetensors(&s.deltas).unwrap();
-        let deltas = from_safetensors(&bytes, lm.device(), DType::F32).unwrap();
-        rebuilt = Overlay::push(&rebuilt, deltas);
+        let bytes = encode(&s.deltas, &s.state).unwrap();
+        let data = decode(&bytes, lm.device(), DType::F32).unwrap();
+        rebuilt = Overlay::push_with(&rebuilt, data.deltas, data.state);
         assert_eq!(
             all_logits(&view(m, &rebuilt), &probe),
             recorded[k + 1],
@@ -239,7 +241,7 @@ fn bad_requests_and_hyper_parameters_name_the_field() {
     let e = editing::apply(
         m,
         &Overlay::base(),
-        Method::Rome,
+        rome(),
         &[eiffel()],
         &json!({"layer": 99}),
         MeasureOptions::default(),

@@ -147,7 +147,14 @@ fn the_engine_backend_gives_the_in_process_numbers_on_an_edited_model() {
     let v = (candle_core::Tensor::randn(0f32, 1.0, (spec.intermediate_size, 1), dev).unwrap()
         * 0.1)
         .unwrap();
-    let overlay = Overlay::push(&Overlay::base(), vec![Delta::LowRank { layer: 4, u, v }]);
+    let overlay = Overlay::push(
+        &Overlay::base(),
+        vec![Delta::LowRank {
+            weight: emend::engine::model::WeightId::mlp_down(4),
+            u,
+            v,
+        }],
+    );
     let edited = Edited::new(
         local.model.as_ref(),
         Arc::new(overlay.prepare(local.model.as_ref()).unwrap()),

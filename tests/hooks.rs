@@ -64,7 +64,10 @@ fn mlp_in_is_what_the_down_projection_multiplies() {
     logits_with(Some(&mut h), &ids);
     let k = h.take(kin).unwrap();
     let out = h.take(kout).unwrap();
-    let w = m.model.mlp_out_weight(layer);
+    let w = m
+        .model
+        .weight(emend::engine::model::WeightId::mlp_down(layer))
+        .unwrap();
     assert_eq!(
         k.dim(D::Minus1).unwrap(),
         w.dim(1).unwrap(),

@@ -67,17 +67,17 @@ fn rome_delta_matches_an_independent_pytorch_rome() {
     let steps = editing::apply(
         m,
         &Overlay::base(),
-        Method::Rome,
+        "rome".parse::<Method>().unwrap(),
         &[req],
         &hp,
         MeasureOptions::default(),
         &ctx,
     )
     .unwrap();
-    let Delta::LowRank { layer: l, u, v } = &steps[0].deltas[0] else {
+    let Delta::LowRank { weight, u, v } = &steps[0].deltas[0] else {
         panic!("ROME makes a rank-one delta");
     };
-    assert_eq!(*l, layer);
+    assert_eq!(*weight, emend::engine::model::WeightId::mlp_down(layer));
     let (u, v) = (flat(u), flat(v));
     let (ru, rv) = (floats(&fx["reference"]["u"]), floats(&fx["reference"]["v"]));
     // cos(u₁v₁ᵀ, u₂v₂ᵀ) = cos(u₁, u₂)·cos(v₁, v₂).

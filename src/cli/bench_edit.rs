@@ -1,8 +1,8 @@
-//! `emend bench-edit`: what editing costs on the loaded model. Key statistics, ROME (on the
-//! cross-check's request beside the PyTorch reference's time, and on CounterFact records), a
-//! MEMIT batch, FT-M, a chain of real sequential ROME edits, and the overlay mechanics at
-//! 100 and 1,000 stacked edits (memory, preparation, forward latency). Writes a section of
-//! BENCHMARKS.md.
+//! `emend bench-edit`: what editing costs on the loaded model. Key statistics, ROME on the
+//! cross-check's request beside the PyTorch reference's time, every registered method on
+//! CounterFact records (single edits, or one batch for a batched method), a chain of real
+//! sequential ROME edits, and the overlay mechanics at 100 and 1,000 stacked edits (memory,
+//! preparation, forward latency). Writes a section of BENCHMARKS.md.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use emend::engine::editing::datasets::{self, EditDataset};
 use emend::engine::editing::{
-    self, EditContext, EditRequest, EditStep, EditingEnv, MeasureOptions, Method,
+    self, EditContext, EditRequest, EditStep, EditingEnv, MeasureOptions, Method, Resource,
 };
 use emend::engine::model::{CausalLm, Forward, LoadedModel};
 use emend::engine::overlay::{Edited, Overlay, PreparedOverlay};
@@ -27,9 +27,13 @@ pub struct BenchEditArgs {
     /// Runs per single-edit measurement (distinct CounterFact records; the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// CounterFact records in the MEMIT batch.
+    /// CounterFact records in one batch of a batched method (MEMIT).
     #[arg(long, default_value_t = 10)]
     pub memit_batch: usize,
+    /// Methods to time on CounterFact records (comma-separated) [default: every registered
+    /// method].
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
     /// Corpus sequences for the key statistics (computed fresh, into a temporary directory).
     #[arg(long, default_value_t = 400)]
     pub stats_samples: usize,
@@ -89,10 +93,12 @@ impl Bench<'_> {
         reqs: &[EditRequest],
     ) -> Result<Vec<EditStep>> {
         let _span = tracing::info_span!("bench_edit", %method, requests = reqs.len()).entered();
-        // Only ROME and MEMIT read statistics (and accept the override).
-        let h = match method {
-            Method::Rome | Method::Memit => json!({"mom2_samples": self.samples}),
-            _ => Value::Null,
+        // Methods that read key statistics take the bench's sample count.
+        let defaults = editing::hparams::defaults(method, self.m.model.spec());
+        let h = if defaults.get("mom2_samples").is_some() {
+            json!({"mom2_samples": self.samples})
+        } else {
+            Value::Null
         };
         Ok(editing::apply_prepared(
             self.m,
@@ -164,16 +170,24 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
     let lm = m.model.as_ref();
     let mut rows: Vec<(String, String, String)> = Vec::new();
 
-    // Key statistics: ROME's and MEMIT's layers in one pass, then C⁻¹.
-    let memit_layers: Vec<usize> = editing::hparams::defaults(Method::Memit, lm.spec())["layers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_u64().map(|x| x as usize))
-        .collect();
-    let mut layers = memit_layers.clone();
-    if let Some(l) = editing::hparams::defaults(Method::Rome, lm.spec())["layer"].as_u64() {
-        layers.push(l as usize);
+    let methods: Vec<Method> = if a.methods.is_empty() {
+        Method::all()
+    } else {
+        a.methods
+            .iter()
+            .map(|n| n.parse())
+            .collect::<Result<_, _>>()?
+    };
+    let rome = Method::named("rome").context("ROME is registered")?;
+    // Key statistics: the layers every method's defaults declare, in one pass, then C⁻¹.
+    let mut layers: Vec<usize> = Vec::new();
+    for method in Method::all() {
+        let defaults = editing::hparams::defaults(method, lm.spec());
+        for r in method.imp().resources(&defaults)? {
+            if let Resource::KeyStats { layers: l, .. } = r {
+                layers.extend(l);
+            }
+        }
     }
     layers.sort_unstable();
     layers.dedup();
@@ -205,7 +219,7 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
     let mut same = Vec::new();
     let mut same_total = Vec::new();
     for _ in 0..a.runs {
-        let s = b.apply(&base, Method::Rome, std::slice::from_ref(&req))?;
+        let s = b.apply(&base, rome, std::slice::from_ref(&req))?;
         same.push(compute_ms(&s[0]) / 1e3);
         same_total.push(s[0].duration_ms as f64 / 1e3);
     }
@@ -226,55 +240,13 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
         "—".into(),
     ));
 
-    // ROME on CounterFact records (sampled templates, as served).
-    let mut cf_ms = Vec::new();
-    let mut rel = Vec::new();
-    for r in &cf[..a.runs] {
-        let s = b.apply(&base, Method::Rome, std::slice::from_ref(r))?;
-        cf_ms.push(s[0].duration_ms as f64 / 1e3);
-        rel.push(s[0].reports[0].post.reliability);
+    // Every method on CounterFact records (sampled templates, as served).
+    for &method in &methods {
+        rows.push(method_row(&b, &base, method, &cf, &a)?);
     }
-    rows.push((
-        format!(
-            "ROME edit, CounterFact records 0..{} (incl. metrics; mean reliability {:.2})",
-            a.runs,
-            rel.iter().sum::<f64>() / rel.len() as f64
-        ),
-        format!("{:.2} s", median(cf_ms)),
-        "—".into(),
-    ));
-
-    // MEMIT: one batch.
-    let s = b.apply(&base, Method::Memit, &cf[..a.memit_batch])?;
-    let memit_s = s[0].duration_ms as f64 / 1e3;
-    let memit_rel: f64 =
-        s[0].reports.iter().map(|r| r.post.reliability).sum::<f64>() / s[0].reports.len() as f64;
-    rows.push((
-        format!(
-            "MEMIT batch of {} CounterFact records (incl. metrics; mean reliability {memit_rel:.2})",
-            a.memit_batch
-        ),
-        format!(
-            "{memit_s:.2} s ({:.2} s per edit)",
-            memit_s / a.memit_batch as f64
-        ),
-        "—".into(),
-    ));
-
-    // FT-M.
-    let mut ft = Vec::new();
-    for r in &cf[..a.runs] {
-        let s = b.apply(&base, Method::FtM, std::slice::from_ref(r))?;
-        ft.push(s[0].duration_ms as f64 / 1e3);
-    }
-    rows.push((
-        "FT-M edit, CounterFact records (incl. metrics)".into(),
-        format!("{:.2} s", median(ft)),
-        "—".into(),
-    ));
 
     // Real sequential ROME edits in one chain.
-    let seq = b.apply(&base, Method::Rome, &cf[..a.sequential])?;
+    let seq = b.apply(&base, rome, &cf[..a.sequential])?;
     let first = seq[0].duration_ms as f64 / 1e3;
     let last = seq[seq.len() - 1].duration_ms as f64 / 1e3;
     let seq_med = median(seq.iter().map(|s| s.duration_ms as f64 / 1e3).collect());
@@ -289,10 +261,10 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
 
     // Overlay mechanics at depth: the chain's real deltas repeated; then one more real ROME
     // edit (the next CounterFact record) on top, as a session at that depth would serve it.
-    let deltas: Vec<_> = seq.iter().map(|s| s.deltas.clone()).collect();
+    let steps: Vec<&EditStep> = seq.iter().collect();
     let next = std::slice::from_ref(&cf[a.sequential]);
     let base_fwd = forward_seconds(lm, 5)?;
-    let base_edit = b.apply(&base, Method::Rome, next)?;
+    let base_edit = b.apply(&base, rome, next)?;
     let mut depth_rows = Vec::new();
     depth_rows.push(
         json!({"depth": 0, "forward_s": base_fwd, "prepare_s": 0.0, "prepare_on_s": 0.0,
@@ -301,12 +273,12 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
     for &depth in &a.stack {
         let mut parent = Overlay::base();
         for i in 0..depth.saturating_sub(1) {
-            parent = Overlay::push(&parent, deltas[i % deltas.len()].clone());
+            parent = steps[i % steps.len()].version_on(&parent);
         }
         let o = if depth == 0 {
             parent.clone()
         } else {
-            Overlay::push(&parent, deltas[(depth - 1) % deltas.len()].clone())
+            steps[(depth - 1) % steps.len()].version_on(&parent)
         };
         let t = Instant::now();
         let prepared = Arc::new(o.prepare(lm)?);
@@ -317,7 +289,7 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
         let prepare_on_s = t.elapsed().as_secs_f64();
         let view = Edited::new(lm, prepared.clone());
         let forward_s = forward_seconds(&view, 5)?;
-        let edit = b.apply_prepared(&o, prepared.clone(), Method::Rome, next)?;
+        let edit = b.apply_prepared(&o, prepared.clone(), rome, next)?;
         depth_rows.push(json!({
             "depth": depth,
             "forward_s": forward_s,
@@ -336,6 +308,51 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
         super::bench::write_marked(path, "edit-bench", &md)?;
     }
     Ok(())
+}
+
+/// One method on CounterFact records with metrics: the median of `--runs` single edits, or
+/// one batch of `--memit-batch` records for a batched method.
+fn method_row(
+    b: &Bench<'_>,
+    base: &Arc<Overlay>,
+    method: Method,
+    cf: &[EditRequest],
+    a: &BenchEditArgs,
+) -> Result<(String, String, String)> {
+    let name = method.name().to_uppercase();
+    if method.batched() {
+        let s = b.apply(base, method, &cf[..a.memit_batch])?;
+        let total = s[0].duration_ms as f64 / 1e3;
+        let rel = s[0].reports.iter().map(|r| r.post.reliability).sum::<f64>()
+            / s[0].reports.len() as f64;
+        return Ok((
+            format!(
+                "{name} batch of {} CounterFact records (incl. metrics; mean reliability {rel:.2})",
+                a.memit_batch
+            ),
+            format!(
+                "{total:.2} s ({:.2} s per edit)",
+                total / a.memit_batch as f64
+            ),
+            "—".into(),
+        ));
+    }
+    let mut secs = Vec::new();
+    let mut rel = Vec::new();
+    for r in &cf[..a.runs] {
+        let s = b.apply(base, method, std::slice::from_ref(r))?;
+        secs.push(s[0].duration_ms as f64 / 1e3);
+        rel.push(s[0].reports[0].post.reliability);
+    }
+    Ok((
+        format!(
+            "{name} edit, CounterFact records 0..{} (incl. metrics; mean reliability {:.2})",
+            a.runs,
+            rel.iter().sum::<f64>() / rel.len() as f64
+        ),
+        format!("{:.2} s", median(secs)),
+        "—".into(),
+    ))
 }
 
 impl BenchEditArgs {

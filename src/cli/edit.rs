@@ -10,7 +10,9 @@ use clap::Args;
 use serde_json::json;
 
 use emend::engine::editing::datasets::{self, EditDataset};
-use emend::engine::editing::{self, EditContext, EditRequest, EditingEnv, MeasureOptions, Method};
+use emend::engine::editing::{
+    self, EditContext, EditRequest, EditingEnv, MeasureOptions, Method, Resource,
+};
 use emend::engine::model::generate::{generate, GenParams};
 use emend::engine::overlay::{Edited, Overlay};
 use emend::setup;
@@ -19,7 +21,7 @@ use super::{load, Global};
 
 #[derive(Args)]
 pub struct EditArgs {
-    /// rome, memit, ft-l or ft-m.
+    /// The editing method (see `emend methods`).
     #[arg(long, default_value = "rome")]
     pub method: String,
     /// Edit requests: a JSON array or JSONL of `{prompt, subject, target_new, …}` or
@@ -60,7 +62,7 @@ pub struct EditArgs {
 
 #[derive(Args)]
 pub struct StatsArgs {
-    /// Layers (comma-separated); default: the layers of ROME's and MEMIT's defaults.
+    /// Layers (comma-separated); default: the layers every method's defaults declare.
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<usize>,
     /// Corpus sequences (of up to 128 tokens) [default: the methods' `mom2_samples`].
@@ -228,7 +230,7 @@ pub fn run_edit(g: &Global, a: EditArgs) -> Result<()> {
     }
     let mut overlay = base;
     for s in &steps {
-        overlay = Overlay::push(&overlay, s.deltas.clone());
+        overlay = s.version_on(&overlay);
     }
     let edited = Edited::new(
         m.model.as_ref(),
@@ -310,32 +312,25 @@ fn dump(
     } else {
         Vec::new()
     };
-    let layers: Vec<usize> = match (h["layer"].as_u64(), h["layers"].as_array()) {
-        (Some(l), _) => vec![l as usize],
-        (None, Some(ls)) => ls
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as usize)
-            .collect(),
-        _ => Vec::new(),
-    };
-    let samples = h["mom2_samples"].as_u64().map(|x| x as usize);
-    let (stats_files, stats): (Vec<String>, Vec<serde_json::Value>) = match samples {
-        Some(s) => {
-            let st = ctx
-                .stats
-                .get(m.model.as_ref(), &m.tokenizer, &m.info.sha256, &layers, s)?;
-            layers
-                .iter()
-                .zip(st)
-                .map(|(&l, st)| {
-                    let f = ctx.stats.file(&m.info.sha256, l, s);
-                    (f.display().to_string(), json!(st.provenance))
-                })
-                .unzip()
+    // The statistics the method declared for these hyper-parameters.
+    let mut stats_files = Vec::new();
+    let mut stats = Vec::new();
+    for r in method.imp().resources(h)? {
+        if let Resource::KeyStats { layers, samples } = r {
+            let st = ctx.stats.get(
+                m.model.as_ref(),
+                &m.tokenizer,
+                &m.info.sha256,
+                &layers,
+                samples,
+            )?;
+            for (&l, st) in layers.iter().zip(st) {
+                let f = ctx.stats.file(&m.info.sha256, l, samples);
+                stats_files.push(f.display().to_string());
+                stats.push(json!(st.provenance));
+            }
         }
-        None => (Vec::new(), Vec::new()),
-    };
+    }
     let info = json!({
         "method": method.name(),
         "request": {
@@ -353,8 +348,27 @@ fn dump(
     });
     std::fs::write(dir.join("edit.json"), serde_json::to_string_pretty(&info)?)?;
     for (i, s) in steps.iter().enumerate() {
-        let bytes = emend::engine::overlay::to_safetensors(&s.deltas)?;
+        let bytes = emend::engine::overlay::encode(&s.deltas, &s.state)?;
         std::fs::write(dir.join(format!("step-{i}.safetensors")), bytes)?;
+    }
+    Ok(())
+}
+
+/// `emend methods`: the registry, with the loaded model's defaults.
+pub fn run_methods(g: &Global) -> Result<()> {
+    let m = load(g)?;
+    let methods = editing::methods(m.model.spec());
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&methods)?);
+        return Ok(());
+    }
+    for info in methods {
+        let batch = if info.batched { "batch" } else { "one by one" };
+        println!("{:<8} {batch:<10} {}", info.name, info.description);
+        println!("         defaults  {}", info.defaults);
+        for r in &info.resources {
+            println!("         needs     {}", serde_json::to_string(r)?);
+        }
     }
     Ok(())
 }
@@ -363,45 +377,49 @@ pub fn run_stats(g: &Global, a: StatsArgs) -> Result<()> {
     let env = env(a.data_dir);
     let m = load(g)?;
     let spec = m.model.spec();
-    let rome = editing::hparams::defaults(Method::Rome, spec);
-    let memit = editing::hparams::defaults(Method::Memit, spec);
-    let layers: Vec<usize> = if a.layers.is_empty() {
-        let mut l: Vec<usize> = memit["layers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|x| x.as_u64().map(|x| x as usize))
-            .collect();
-        if let Some(r) = rome["layer"].as_u64() {
-            l.push(r as usize);
+    // (layer, samples) pairs: the key statistics every method's defaults declare, or the
+    // layers and sample count given.
+    let mut wanted: Vec<(usize, usize)> = Vec::new();
+    for method in Method::all() {
+        let defaults = editing::hparams::defaults(method, spec);
+        for r in method.imp().resources(&defaults).unwrap_or_default() {
+            if let Resource::KeyStats { layers, samples } = r {
+                wanted.extend(
+                    layers
+                        .into_iter()
+                        .map(|l| (l, a.samples.unwrap_or(samples))),
+                );
+            }
         }
-        l.sort_unstable();
-        l.dedup();
-        l
-    } else {
-        a.layers.clone()
-    };
-    if let Some(&bad) = layers.iter().find(|&&l| l >= spec.n_layers) {
+    }
+    if !a.layers.is_empty() {
+        let samples = a
+            .samples
+            .unwrap_or_else(|| wanted.first().map_or(1000, |w| w.1));
+        wanted = a.layers.iter().map(|&l| (l, samples)).collect();
+    }
+    wanted.sort_unstable();
+    wanted.dedup();
+    if let Some(&(bad, _)) = wanted.iter().find(|w| w.0 >= spec.n_layers) {
         bail!(
             "layer {bad} does not exist (the model has {})",
             spec.n_layers
         );
     }
-    let samples = a
-        .samples
-        .or_else(|| rome["mom2_samples"].as_u64().map(|x| x as usize))
-        .unwrap_or(1000);
-    if samples == 0 {
+    if wanted.iter().any(|w| w.1 == 0) {
         bail!("--samples must be at least 1");
     }
     let ctx = EditContext::new(env, &m.info);
-    let stats = ctx.stats.get(
-        m.model.as_ref(),
-        &m.tokenizer,
-        &m.info.sha256,
-        &layers,
-        samples,
-    )?;
+    let mut stats = Vec::with_capacity(wanted.len());
+    for (layer, samples) in wanted {
+        stats.extend(ctx.stats.get(
+            m.model.as_ref(),
+            &m.tokenizer,
+            &m.info.sha256,
+            &[layer],
+            samples,
+        )?);
+    }
     let rows: Vec<_> = stats.iter().map(|s| &s.provenance).collect();
     if g.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

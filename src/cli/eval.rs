@@ -40,7 +40,7 @@ pub struct EvalArgs {
     /// `{"dataset": "counterfact", "id": N}` records), applied one by one to a fresh overlay.
     #[arg(long)]
     pub session_file: Option<PathBuf>,
-    /// Editing method for --session-file: rome, memit, ft-l or ft-m.
+    /// Editing method for --session-file (see `emend methods`).
     #[arg(long, default_value = "rome", requires = "session_file")]
     pub method: String,
     /// Hyper-parameter overrides for --session-file as a JSON object, e.g. '{"layer": 5}'.
@@ -95,7 +95,7 @@ pub fn run(g: &Global, a: EvalArgs) -> Result<()> {
             )
         })?;
         for s in steps {
-            overlay = Overlay::push(&overlay, s.deltas);
+            overlay = s.version_on(&overlay);
         }
         tracing::info!(method = %method, edits = requests.len(), versions = overlay.depth(), "edits applied");
     }

@@ -69,7 +69,8 @@ pub enum Command {
     FetchModel,
     /// Measure load time, prefill and decode throughput, and peak memory.
     Bench(bench::BenchArgs),
-    /// Measure editing: statistics, ROME, MEMIT, FT-M, sequential edits, overlays at depth.
+    /// Measure editing: statistics, every method on CounterFact, sequential edits, overlays at
+    /// depth.
     BenchEdit(bench_edit::BenchEditArgs),
     /// Measure evaluation: task slices timed beside lm-evaluation-harness's report.
     BenchEval(bench_eval::BenchEvalArgs),
@@ -79,8 +80,10 @@ pub enum Command {
     Openapi,
     /// Apply edits (from a file or dataset records) to a fresh session and print their metrics.
     Edit(edit::EditArgs),
-    /// Precompute the key statistics ROME and MEMIT use (cached on disk).
+    /// Precompute the key statistics the methods' defaults declare (cached on disk).
     Stats(edit::StatsArgs),
+    /// The registered editing methods: name, batching, resources, defaults for this model.
+    Methods,
     /// Run lm-evaluation-harness-compatible benchmarks (scores on stdout).
     Eval(eval::EvalArgs),
     /// The paper's protocol in-process: edits one by one, benchmarks at checkpoints; writes
@@ -303,6 +306,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Openapi => print!("{}", emend::api::openapi::json()),
         Command::Edit(a) => edit::run_edit(&g, a)?,
         Command::Stats(a) => edit::run_stats(&g, a)?,
+        Command::Methods => edit::run_methods(&g)?,
         Command::Eval(a) => eval::run(&g, a)?,
         Command::Sweep(a) => sweep::run(&g, a)?,
     }

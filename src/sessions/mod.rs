@@ -158,13 +158,13 @@ impl State {
         self.session.edit_count = self.versions[&version].overlay.depth() as u64;
     }
 
-    fn push(&mut self, version: u64, parent: u64, deltas: Vec<overlay::Delta>, s: VersionSummary) {
+    fn push(&mut self, version: u64, parent: u64, data: overlay::VersionData, s: VersionSummary) {
         let p = &self.versions[&parent];
-        let own: usize = deltas.iter().map(|d| d.bytes()).sum();
+        let overlay = Overlay::push_with(&p.overlay, data.deltas, data.state);
         let node = Node {
             parent: Some(parent),
-            bytes: p.bytes + own,
-            overlay: Overlay::push(&p.overlay, deltas),
+            bytes: p.bytes + overlay.own_bytes(),
+            overlay,
             summary: Some(s),
         };
         self.versions.insert(version, node);
@@ -274,9 +274,8 @@ impl Sessions {
                             return Err(corrupt(format!("parent version {parent} is unknown")));
                         }
                         let raw = e.delta.as_deref().unwrap_or_default();
-                        let deltas =
-                            overlay::from_safetensors(raw, &placement.device, placement.dtype)
-                                .map_err(|err| corrupt(err.to_string()))?;
+                        let data = overlay::decode(raw, &placement.device, placement.dtype)
+                            .map_err(|err| corrupt(err.to_string()))?;
                         let summary = VersionSummary {
                             method: e.method.clone().unwrap_or_default(),
                             created_at: e.created_at.clone(),
@@ -287,7 +286,7 @@ impl Sessions {
                                 .and_then(|m| serde_json::from_str(m).ok())
                                 .unwrap_or(serde_json::Value::Null),
                         };
-                        st.push(v, parent, deltas, summary);
+                        st.push(v, parent, data, summary);
                         current = v;
                         versions += 1;
                     }
@@ -503,11 +502,12 @@ impl Sessions {
             let end = (offset + step.reports.len().max(1)).min(requests.len());
             let reqs: Vec<EditRequest> = requests[offset.min(end)..end].to_vec();
             offset = end;
-            let delta =
-                overlay::to_safetensors(&step.deltas).map_err(|source| SessionError::Delta {
+            let delta = overlay::encode(&step.deltas, &step.state).map_err(|source| {
+                SessionError::Delta {
                     session: id.to_string(),
                     source,
-                })?;
+                }
+            })?;
             rows.push(NewEdit {
                 version: version as i64,
                 parent_version: parent_version as i64,
@@ -558,7 +558,11 @@ impl Sessions {
                     duration_ms: a.duration_ms,
                     metrics: serde_json::to_value(&a.reports).unwrap_or_default(),
                 };
-                st.push(a.version, a.parent_version, step.deltas, summary);
+                let data = overlay::VersionData {
+                    deltas: step.deltas,
+                    state: step.state,
+                };
+                st.push(a.version, a.parent_version, data, summary);
             }
             st.set_current(last);
             if !st.deleted {

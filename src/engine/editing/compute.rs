@@ -1,23 +1,25 @@
-//! Dispatch: runs a method's steps against the session's model, one version per step, and
-//! measures each request before and after its step.
-use std::collections::HashMap;
+//! Dispatch: acquires what a method declares it needs, runs its steps against the session's
+//! model, one version per step, and measures each request before and after its step.
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::method::{EditInput, Resource, Resources};
 use super::metrics::measure;
+use super::primitives::context_templates;
 use super::stats::StatsCache;
 use super::{
-    ft, hparams, memit, rome, validate, EditError, EditMetrics, EditReport, EditRequest, EditStep,
-    EditingEnv, FtHparams, MemitHparams, Method, RomeHparams,
+    hparams, validate, EditError, EditMetrics, EditReport, EditRequest, EditStep, EditingEnv,
+    Method,
 };
 use crate::engine::model::loader::ModelInfo;
 use crate::engine::model::{CausalLm, LoadedModel, Tok};
 use crate::engine::overlay::{Edited, Overlay, PreparedOverlay};
 
-/// What the engine keeps for editing between jobs: statistics and context templates, both
-/// computed on the base model once.
+/// What the engine keeps for editing between jobs: the resources methods declare (statistics
+/// and context templates), computed on the base model once.
 pub struct EditContext {
     pub stats: StatsCache,
     pub model_sha256: String,
@@ -61,12 +63,37 @@ impl EditContext {
         {
             return Ok(t.clone());
         }
-        let t = Arc::new(rome::context_templates(base, tok, n, tokens)?);
+        let t = Arc::new(context_templates(base, tok, n, tokens)?);
         self.templates
             .lock()
             .expect("templates lock")
             .insert((n, tokens), t.clone());
         Ok(t)
+    }
+
+    /// Acquires `resources` on the `base` model (from the caches, computing what is missing).
+    pub fn acquire(
+        &self,
+        base: &dyn CausalLm,
+        tok: &Tok,
+        resources: &[Resource],
+    ) -> Result<Resources, EditError> {
+        let mut out = Resources::default();
+        for r in resources {
+            match r {
+                Resource::ContextTemplates { count, tokens } => {
+                    out.templates = Some(self.templates(base, tok, *count, *tokens)?);
+                }
+                Resource::KeyStats { layers, samples } => {
+                    let st = self
+                        .stats
+                        .get(base, tok, &self.model_sha256, layers, *samples)?;
+                    out.stats
+                        .extend(layers.iter().copied().zip(st).collect::<BTreeMap<_, _>>());
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -109,8 +136,11 @@ pub fn apply_prepared(
     let lm = model.model.as_ref();
     let tok = &model.tokenizer;
     let spec = lm.spec();
+    let imp = method.imp();
     let resolved = hparams::resolve(method, spec, overrides)?;
     validate(requests, tok)?;
+    imp.check_requests(requests)?;
+    let resources = ctx.acquire(lm, tok, &imp.resources(&resolved)?)?;
     let groups: Vec<Vec<&EditRequest>> = if method.batched() {
         vec![requests.iter().collect()]
     } else {
@@ -126,38 +156,19 @@ pub fn apply_prepared(
         let pre = measure(&view, tok, &group, None, opts.fluency)?;
         let measure_pre_ms = start.elapsed().as_secs_f64() * 1e3;
         let compute_start = Instant::now();
-        let (deltas, diagnostics) = match method {
-            Method::Rome => {
-                let h: RomeHparams = hparams::parse(&resolved)?;
-                let templates =
-                    ctx.templates(lm, tok, h.context_templates, h.context_template_tokens)?;
-                let inv = if h.mom2_adjustment {
-                    let st =
-                        ctx.stats
-                            .get(lm, tok, &ctx.model_sha256, &[h.layer], h.mom2_samples)?;
-                    Some(st[0].inverse_tensor(lm.device())?)
-                } else {
-                    None
-                };
-                rome::edit(&view, tok, group[0], &h, &templates, inv.as_ref())?
-            }
-            Method::Memit => {
-                let h: MemitHparams = hparams::parse(&resolved)?;
-                let templates =
-                    ctx.templates(lm, tok, h.context_templates, h.context_template_tokens)?;
-                let st = ctx
-                    .stats
-                    .get(lm, tok, &ctx.model_sha256, &h.layers, h.mom2_samples)?;
-                memit::edit(&view, &current, tok, &group, &h, &templates, &st)?
-            }
-            Method::FtL | Method::FtM => {
-                let h: FtHparams = hparams::parse(&resolved)?;
-                ft::edit(&view, tok, &group, &h, method == Method::FtM)?
-            }
-        };
+        let out = imp.compute(
+            &EditInput {
+                model: &view,
+                current: &current,
+                tok,
+                requests: &group,
+                resources: &resources,
+            },
+            &resolved,
+        )?;
         let compute_ms = compute_start.elapsed().as_secs_f64() * 1e3;
         let post_start = Instant::now();
-        let next = Overlay::push(&current, deltas.clone());
+        let next = Overlay::push_with(&current, out.deltas.clone(), out.state.clone());
         let after = Edited::new(lm, Arc::new(next.prepare_on(lm, &view.overlay)?));
         let post = measure(&after, tok, &group, Some(&pre), opts.fluency)?;
         let reports = pre
@@ -170,7 +181,7 @@ pub fn apply_prepared(
             .collect();
         let measure_post_ms = post_start.elapsed().as_secs_f64() * 1e3;
         let duration_ms = start.elapsed().as_millis() as u64;
-        let mut diagnostics = json!(diagnostics);
+        let mut diagnostics = out.diagnostics;
         if let Some(d) = diagnostics.as_object_mut() {
             d.insert(
                 "phases_ms".into(),
@@ -179,7 +190,8 @@ pub fn apply_prepared(
         }
         tracing::info!(%method, duration_ms, "edit step computed");
         steps.push(EditStep {
-            deltas,
+            deltas: out.deltas,
+            state: out.state,
             reports,
             hparams: resolved.clone(),
             diagnostics,

@@ -1,103 +1,138 @@
 //! FT-L and FT-M: norm-bounded fine-tuning of one layer's MLP down projection, stored as a
 //! dense delta. The key entering the layer does not depend on the update, so the layers below
 //! and the keys are computed once; each Adam step runs only the layers from the edited one up.
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
 
-use super::{EditError, EditRequest, FtHparams};
+use super::hparams::check_layer;
+use super::method::{EditInput, MethodHparams, MethodOutput, Resource, TypedMethod};
+use super::primitives::{pad, weighted_nll, TargetTerm};
+use super::{EditError, EditRequest};
 use crate::engine::model::score::encode_pair;
-use crate::engine::model::{CausalLm, Forward, Hooks, Positions, Site, SiteKind, Tok};
+use crate::engine::model::{
+    CausalLm, Forward, Hooks, ModelSpec, Positions, Site, SiteKind, Tok, WeightId,
+};
 use crate::engine::overlay::Delta;
 
-/// A right-padded batch of `prompt + target[..]` rows and the positions the loss reads.
-pub(super) struct TargetBatch {
-    pub input: Tensor,
-    pub batch: usize,
-    pub width: usize,
-    /// `(row, position, target id, weight)`: the loss is `Σ weight · −log P(target)`.
-    pub terms: Vec<(usize, usize, u32, f64)>,
+/// FT-L: EasyEdit's `prompt_last` objective.
+pub struct FtL;
+/// FT-M: the loss masked to the target tokens.
+pub struct FtM;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FtHparams {
+    /// The layer whose MLP down projection is tuned.
+    #[schema(minimum = 0)]
+    pub layer: usize,
+    /// Adam learning rate.
+    #[schema(minimum = 0.00000001, maximum = 1.0)]
+    pub lr: f64,
+    /// Adam steps.
+    #[schema(minimum = 1, maximum = 500)]
+    pub steps: usize,
+    /// L∞ bound on each entry of the update.
+    #[schema(minimum = 0.00000001, maximum = 10.0)]
+    pub norm_constraint: f64,
+}
+
+impl MethodHparams for FtHparams {
+    fn check(&self, spec: &ModelSpec) -> Result<(), EditError> {
+        check_layer("layer", self.layer, spec)
+    }
+}
+
+impl TypedMethod for FtL {
+    type Hparams = FtHparams;
+    const NAME: &'static str = "ft-l";
+    const DESCRIPTION: &'static str = "Constrained fine-tuning of one layer's MLP down projection (Zhu et al. 2020), EasyEdit's `prompt_last` objective: the log-probabilities of the target's tokens at the prompt's last position; the update is clamped to an L∞ norm.";
+    const BATCHED: bool = false;
+    const DEFAULTS: &'static str = "ft";
+
+    fn resources(&self, _: &FtHparams) -> Vec<Resource> {
+        Vec::new()
+    }
+
+    fn compute(&self, input: &EditInput<'_>, h: &FtHparams) -> Result<MethodOutput, EditError> {
+        edit(input.model, input.tok, input.requests, h, false)
+    }
+}
+
+impl TypedMethod for FtM {
+    type Hparams = FtHparams;
+    const NAME: &'static str = "ft-m";
+    const DESCRIPTION: &'static str = "Constrained fine-tuning of one layer's MLP down projection with the loss masked to the target tokens (EasyEdit's FT-M); the update is clamped to an L∞ norm.";
+    const BATCHED: bool = false;
+    const DEFAULTS: &'static str = "ft";
+
+    fn resources(&self, _: &FtHparams) -> Vec<Resource> {
+        Vec::new()
+    }
+
+    fn compute(&self, input: &EditInput<'_>, h: &FtHparams) -> Result<MethodOutput, EditError> {
+        edit(input.model, input.tok, input.requests, h, true)
+    }
 }
 
 /// FT-M rows: `prompt + target[..-1]`, the loss on every target token (teacher forcing).
 /// FT-L rows: the prompt only, the loss on every target token at the prompt's last position
 /// (EasyEdit's `prompt_last`).
-fn batch(
-    model: &dyn CausalLm,
+fn rows(
     tok: &Tok,
     reqs: &[&EditRequest],
     masked: bool,
-) -> Result<TargetBatch, EditError> {
+) -> Result<(Vec<Vec<u32>>, Vec<TargetTerm>), EditError> {
     let mut rows: Vec<Vec<u32>> = Vec::new();
     let mut terms = Vec::new();
     for (r, req) in reqs.iter().enumerate() {
         let (prompt, _) = req.filled();
         let (ctx, target) = encode_pair(tok, &prompt, &req.target_new_text())?;
-        let w = 1.0 / (reqs.len() * target.len()) as f64;
+        let weight = 1.0 / (reqs.len() * target.len()) as f64;
+        let term = |position, token| TargetTerm {
+            row: r,
+            position,
+            token,
+            weight,
+        };
         if masked {
             let mut row = ctx.clone();
             row.extend_from_slice(&target[..target.len() - 1]);
             for (j, &t) in target.iter().enumerate() {
-                terms.push((r, ctx.len() - 1 + j, t, w));
+                terms.push(term(ctx.len() - 1 + j, t));
             }
             rows.push(row);
         } else {
             for &t in &target {
-                terms.push((r, ctx.len() - 1, t, w));
+                terms.push(term(ctx.len() - 1, t));
             }
             rows.push(ctx);
         }
     }
-    let width = rows.iter().map(Vec::len).max().unwrap_or(1);
-    let mut ids = vec![tok.eos_id; rows.len() * width];
-    for (r, row) in rows.iter().enumerate() {
-        ids[r * width..r * width + row.len()].copy_from_slice(row);
-    }
-    Ok(TargetBatch {
-        input: Tensor::from_vec(ids, (rows.len(), width), model.device())?,
-        batch: rows.len(),
-        width,
-        terms,
-    })
+    Ok((rows, terms))
 }
 
-/// `Σ weight · −log P(target)` from logits at the loss rows (`(n, vocab)`, one per term).
-pub(super) fn weighted_nll(
-    logits: &Tensor,
-    terms: &[(usize, usize, u32, f64)],
-) -> Result<Tensor, EditError> {
-    let dev = logits.device();
-    let lp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let ids = Tensor::from_vec(
-        terms.iter().map(|t| t.2).collect::<Vec<u32>>(),
-        (terms.len(), 1),
-        dev,
-    )?;
-    let w = Tensor::from_vec(
-        terms.iter().map(|t| t.3 as f32).collect::<Vec<f32>>(),
-        (terms.len(), 1),
-        dev,
-    )?;
-    Ok(lp.gather(&ids, D::Minus1)?.mul(&w)?.sum_all()?.neg()?)
-}
-
-pub(super) fn edit(
+fn edit(
     model: &dyn CausalLm,
     tok: &Tok,
     reqs: &[&EditRequest],
     h: &FtHparams,
     masked: bool,
-) -> Result<(Vec<Delta>, Value), EditError> {
+) -> Result<MethodOutput, EditError> {
     let dev = model.device().clone();
     let layer = h.layer;
     let n_layers = model.spec().n_layers;
-    let b = batch(model, tok, reqs, masked)?;
-    let rows: Vec<(usize, usize)> = b.terms.iter().map(|t| (t.0, t.1)).collect();
+    let (rows, terms) = rows(tok, reqs, masked)?;
+    let (input, width) = pad(model, tok, &rows)?;
+    let batch = rows.len();
+    let loss_rows: Vec<(usize, usize)> = terms.iter().map(|t| (t.row, t.position)).collect();
 
     // Once: the hidden state entering `layer`, the keys and the (current) output at its MLP.
-    let mut fwd = Forward::new(b.batch, b.width, &dev);
+    let mut fwd = Forward::new(batch, width, &dev);
     let h_in = {
-        let e = model.embed(&b.input, &fwd)?;
+        let e = model.embed(&input, &fwd)?;
         model.run_layers(e, 0..layer, &mut fwd)?
     };
     let key_site = Site::new(layer, SiteKind::MlpIn);
@@ -106,7 +141,7 @@ pub(super) fn edit(
         .read(key_site, Positions::All)
         .read(out_site, Positions::All);
     {
-        let mut fwd = Forward::new(b.batch, b.width, &dev).with_hooks(&mut hooks);
+        let mut fwd = Forward::new(batch, width, &dev).with_hooks(&mut hooks);
         model.run_layers(h_in.clone(), layer..layer + 1, &mut fwd)?;
     }
     let keys = hooks
@@ -135,13 +170,13 @@ pub(super) fn edit(
         let added = keys2.matmul(&delta.as_tensor().t()?)?.reshape((bb, t, d))?;
         let value = (&out0 + added)?.to_dtype(model.dtype())?;
         let mut hooks = Hooks::new().replace(out_site, value);
-        let mut fwd = Forward::new(b.batch, b.width, &dev)
+        let mut fwd = Forward::new(batch, width, &dev)
             .with_hooks(&mut hooks)
             .differentiable();
         let top = model.run_layers(h_in.clone(), layer..n_layers, &mut fwd)?;
-        let picked = crate::engine::model::gather_rows(&top, &rows)?;
+        let picked = crate::engine::model::gather_rows(&top, &loss_rows)?;
         let logits = model.head(&picked, true)?;
-        let loss = weighted_nll(&logits, &b.terms)?;
+        let loss = weighted_nll(&logits, &terms)?;
         losses.push(loss.to_scalar::<f32>()? as f64);
         opt.backward_step(&loss)?;
         // The L∞ ball around the original weights (ROME's FT-L constraint).
@@ -154,11 +189,12 @@ pub(super) fn edit(
         "loss": losses,
         "delta_linf": delta_t.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?,
     });
-    Ok((
-        vec![Delta::Dense {
-            layer,
+    Ok(MethodOutput {
+        deltas: vec![Delta::Dense {
+            weight: WeightId::mlp_down(layer),
             delta: delta_t,
         }],
+        state: Vec::new(),
         diagnostics,
-    ))
+    })
 }

@@ -1,76 +1,20 @@
 //! Hyper-parameters: defaults per method and architecture (from `defaults/hparams.toml`),
-//! client overrides merged on top, every value range-checked with the field named.
+//! client overrides merged on top, each value checked against the range its method's type
+//! declares (the same schema `GET /v1/methods` shows), then by the method's own checks.
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::{EditError, Method};
 use crate::engine::model::ModelSpec;
 
 const DEFAULTS: &str = include_str!("defaults/hparams.toml");
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RomeHparams {
-    /// The layer whose MLP down projection is rewritten.
-    pub layer: usize,
-    /// Adam learning rate and steps for `v*`.
-    pub v_lr: f64,
-    pub v_steps: usize,
-    /// Weight decay on `v* − v` (ROME's `v_weight_decay`).
-    pub v_weight_decay: f64,
-    /// `‖v* − v‖` is clamped to this multiple of `‖v‖`.
-    pub clamp_norm_factor: f64,
-    /// Weight of the KL term on "{subject} is a" prompts.
-    pub kl_factor: f64,
-    /// Short model-generated prefixes the edit prompt is averaged over (0 = the prompt only).
-    pub context_templates: usize,
-    pub context_template_tokens: usize,
-    /// Corpus sequences for the key covariance `C = E[k kᵀ]`.
-    pub mom2_samples: usize,
-    /// Use `C⁻¹` in the update (false: identity, the ROME ablation).
-    pub mom2_adjustment: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemitHparams {
-    /// The layers the update is spread over (the last one is where `v*` is optimised).
-    pub layers: Vec<usize>,
-    pub v_lr: f64,
-    pub v_steps: usize,
-    pub v_weight_decay: f64,
-    pub clamp_norm_factor: f64,
-    pub kl_factor: f64,
-    /// λ: weight of the covariance against the new keys in the least squares.
-    pub mom2_update_weight: f64,
-    pub context_templates: usize,
-    pub context_template_tokens: usize,
-    pub mom2_samples: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FtHparams {
-    pub layer: usize,
-    /// Adam learning rate and steps.
-    pub lr: f64,
-    pub steps: usize,
-    /// L∞ bound on each entry of the update.
-    pub norm_constraint: f64,
-}
-
 /// The defaults for `method` on this model, as JSON (layers scaled when no entry matches).
 pub fn defaults(method: Method, spec: &ModelSpec) -> Value {
     let table: toml::Table = toml::from_str(DEFAULTS).expect("defaults/hparams.toml parses");
-    let key = match method {
-        Method::Rome => "rome",
-        Method::Memit => "memit",
-        Method::FtL | Method::FtM => "ft",
-    };
     let arch = spec.architecture.to_string();
     let by_arch = table
-        .get(key)
+        .get(method.imp().defaults_table())
         .and_then(|t| t.get(&arch))
         .and_then(|t| t.as_table())
         .cloned()
@@ -125,11 +69,7 @@ pub fn resolve(method: Method, spec: &ModelSpec, overrides: &Value) -> Result<Va
         }
         _ => return Err(EditError::invalid("hparams", "must be a JSON object")),
     }
-    match method {
-        Method::Rome => check_rome(&parse::<RomeHparams>(&merged)?, spec)?,
-        Method::Memit => check_memit(&parse::<MemitHparams>(&merged)?, spec)?,
-        Method::FtL | Method::FtM => check_ft(&parse::<FtHparams>(&merged)?, spec)?,
-    }
+    method.imp().check_hparams(&merged, spec)?;
     Ok(merged)
 }
 
@@ -176,17 +116,76 @@ pub fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, EditError> {
     })
 }
 
-fn range(field: &str, v: f64, lo: f64, hi: f64) -> Result<(), EditError> {
-    if !(v.is_finite() && v >= lo && v <= hi) {
-        return Err(EditError::invalid(
-            format!("hparams.{field}"),
-            format!("must be in [{lo}, {hi}]. Given: {v}"),
-        ));
+/// The JSON Schema of a hyper-parameter type as overrides see it: flattened parts (`allOf`)
+/// merged into one object whose unknown fields are refused, and no field required (the
+/// defaults fill in what a request leaves out).
+pub fn schema_of<T: utoipa::ToSchema>() -> Value {
+    let raw = serde_json::to_value(T::schema()).expect("a schema serialises");
+    let mut properties = serde_json::Map::new();
+    collect(&raw, &mut properties);
+    json!({
+        "type": "object",
+        "additionalProperties": false,
+        "properties": properties,
+    })
+}
+
+fn collect(s: &Value, props: &mut serde_json::Map<String, Value>) {
+    if let Some(parts) = s.get("allOf").and_then(Value::as_array) {
+        for p in parts {
+            collect(p, props);
+        }
+    }
+    if let Some(p) = s.get("properties").and_then(Value::as_object) {
+        props.extend(p.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+}
+
+/// Checks every numeric field (and every number in an array field) of `v` against the
+/// `minimum`/`maximum` its schema declares.
+pub fn check_ranges(schema: &Value, v: &Value) -> Result<(), EditError> {
+    let (Some(props), Some(obj)) = (
+        schema.get("properties").and_then(Value::as_object),
+        v.as_object(),
+    ) else {
+        return Ok(());
+    };
+    for (field, s) in props {
+        let Some(given) = obj.get(field) else {
+            continue;
+        };
+        let bound = |k: &str| {
+            s.get(k)
+                .or_else(|| s.get("items").and_then(|i| i.get(k)))
+                .and_then(Value::as_f64)
+        };
+        let (lo, hi) = (bound("minimum"), bound("maximum"));
+        let numbers: Vec<f64> = match given {
+            Value::Array(a) => a.iter().filter_map(Value::as_f64).collect(),
+            x => x.as_f64().into_iter().collect(),
+        };
+        for x in numbers {
+            let below = lo.is_some_and(|lo| x < lo);
+            let above = hi.is_some_and(|hi| x > hi);
+            if !x.is_finite() || below || above {
+                let range = match (lo, hi) {
+                    (Some(lo), Some(hi)) => format!("in [{lo}, {hi}]"),
+                    (Some(lo), None) => format!("at least {lo}"),
+                    (None, Some(hi)) => format!("at most {hi}"),
+                    (None, None) => "finite".into(),
+                };
+                return Err(EditError::invalid(
+                    format!("hparams.{field}"),
+                    format!("must be {range}. Given: {x}"),
+                ));
+            }
+        }
     }
     Ok(())
 }
 
-fn layer(field: &str, l: usize, spec: &ModelSpec) -> Result<(), EditError> {
+/// `layer` must be one of the model's.
+pub fn check_layer(field: &str, l: usize, spec: &ModelSpec) -> Result<(), EditError> {
     if l >= spec.n_layers {
         return Err(EditError::invalid(
             format!("hparams.{field}"),
@@ -199,139 +198,24 @@ fn layer(field: &str, l: usize, spec: &ModelSpec) -> Result<(), EditError> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)] // one range check per shared field, named at the call
-fn common(
-    v_lr: f64,
-    v_steps: usize,
-    wd: f64,
-    clamp: f64,
-    kl: f64,
-    templates: usize,
-    template_tokens: usize,
-    samples: usize,
-) -> Result<(), EditError> {
-    range("v_lr", v_lr, 1e-6, 10.0)?;
-    range("v_steps", v_steps as f64, 1.0, 200.0)?;
-    range("v_weight_decay", wd, 0.0, 10.0)?;
-    range("clamp_norm_factor", clamp, 1e-3, 100.0)?;
-    range("kl_factor", kl, 0.0, 10.0)?;
-    range("context_templates", templates as f64, 0.0, 50.0)?;
-    range("context_template_tokens", template_tokens as f64, 1.0, 64.0)?;
-    range("mom2_samples", samples as f64, 1.0, 1_000_000.0)?;
-    Ok(())
-}
-
-fn check_rome(h: &RomeHparams, spec: &ModelSpec) -> Result<(), EditError> {
-    layer("layer", h.layer, spec)?;
-    common(
-        h.v_lr,
-        h.v_steps,
-        h.v_weight_decay,
-        h.clamp_norm_factor,
-        h.kl_factor,
-        h.context_templates,
-        h.context_template_tokens,
-        h.mom2_samples,
-    )
-}
-
-fn check_memit(h: &MemitHparams, spec: &ModelSpec) -> Result<(), EditError> {
-    if h.layers.is_empty() || h.layers.len() > spec.n_layers {
+/// `layers` must be 1 to `n_layers` strictly increasing layers of the model.
+pub fn check_layers(field: &str, layers: &[usize], spec: &ModelSpec) -> Result<(), EditError> {
+    if layers.is_empty() || layers.len() > spec.n_layers {
         return Err(EditError::invalid(
-            "hparams.layers",
+            format!("hparams.{field}"),
             "give 1 to n_layers distinct layers",
         ));
     }
-    for (i, &l) in h.layers.iter().enumerate() {
-        layer(&format!("layers[{i}]"), l, spec)?;
-        if i > 0 && l <= h.layers[i - 1] {
+    for (i, &l) in layers.iter().enumerate() {
+        check_layer(&format!("{field}[{i}]"), l, spec)?;
+        if i > 0 && l <= layers[i - 1] {
             return Err(EditError::invalid(
-                "hparams.layers",
+                format!("hparams.{field}"),
                 "must be strictly increasing",
             ));
         }
     }
-    range("mom2_update_weight", h.mom2_update_weight, 0.0, 1e9)?;
-    common(
-        h.v_lr,
-        h.v_steps,
-        h.v_weight_decay,
-        h.clamp_norm_factor,
-        h.kl_factor,
-        h.context_templates,
-        h.context_template_tokens,
-        h.mom2_samples,
-    )
-}
-
-fn check_ft(h: &FtHparams, spec: &ModelSpec) -> Result<(), EditError> {
-    layer("layer", h.layer, spec)?;
-    range("lr", h.lr, 1e-8, 1.0)?;
-    range("steps", h.steps as f64, 1.0, 500.0)?;
-    range("norm_constraint", h.norm_constraint, 1e-8, 10.0)
-}
-
-/// JSON Schema of each method's hyper-parameters (for `GET /v1/methods`).
-pub fn schema(method: Method) -> Value {
-    let num = |d: &str, min: f64, max: f64| json!({"type": "number", "minimum": min, "maximum": max, "description": d});
-    let int = |d: &str, min: u64, max: u64| json!({"type": "integer", "minimum": min, "maximum": max, "description": d});
-    let mut p = Map::new();
-    match method {
-        Method::Rome | Method::Memit => {
-            if method == Method::Rome {
-                p.insert(
-                    "layer".into(),
-                    int("layer whose MLP down projection is edited", 0, 1023),
-                );
-                p.insert("mom2_adjustment".into(), json!({"type": "boolean", "description": "use the inverse key covariance (false: identity)"}));
-            } else {
-                p.insert("layers".into(), json!({"type": "array", "items": {"type": "integer", "minimum": 0}, "description": "strictly increasing layers the update is spread over"}));
-                p.insert(
-                    "mom2_update_weight".into(),
-                    num("λ: covariance weight in the least squares", 0.0, 1e9),
-                );
-            }
-            p.insert("v_lr".into(), num("Adam learning rate for v*", 1e-6, 10.0));
-            p.insert("v_steps".into(), int("Adam steps for v*", 1, 200));
-            p.insert(
-                "v_weight_decay".into(),
-                num("weight decay on v* − v", 0.0, 10.0),
-            );
-            p.insert(
-                "clamp_norm_factor".into(),
-                num("‖v* − v‖ ≤ factor · ‖v‖", 1e-3, 100.0),
-            );
-            p.insert(
-                "kl_factor".into(),
-                num("weight of the KL term on '{subject} is a'", 0.0, 10.0),
-            );
-            p.insert(
-                "context_templates".into(),
-                int("generated prefixes the prompt is averaged over", 0, 50),
-            );
-            p.insert(
-                "context_template_tokens".into(),
-                int("tokens per generated prefix", 1, 64),
-            );
-            p.insert(
-                "mom2_samples".into(),
-                int("corpus sequences for the key covariance", 1, 1_000_000),
-            );
-        }
-        Method::FtL | Method::FtM => {
-            p.insert(
-                "layer".into(),
-                int("layer whose MLP down projection is tuned", 0, 1023),
-            );
-            p.insert("lr".into(), num("Adam learning rate", 1e-8, 1.0));
-            p.insert("steps".into(), int("Adam steps", 1, 500));
-            p.insert(
-                "norm_constraint".into(),
-                num("L∞ bound on each entry of the update", 1e-8, 10.0),
-            );
-        }
-    }
-    json!({"type": "object", "additionalProperties": false, "properties": p})
+    Ok(())
 }
 
 #[cfg(test)]
@@ -354,34 +238,69 @@ mod tests {
         }
     }
 
+    fn m(name: &str) -> Method {
+        name.parse().unwrap()
+    }
+
     #[test]
     fn defaults_exist_for_every_method_and_scale_to_depth() {
-        for m in Method::ALL {
-            let v = resolve(m, &spec(30), &Value::Null).unwrap();
-            assert!(v.is_object(), "{m}");
-            let small = resolve(m, &spec(4), &Value::Null).unwrap();
+        for method in Method::all() {
+            let v = resolve(method, &spec(30), &Value::Null).unwrap();
+            let schema = method.imp().hparams_schema();
+            let props = schema["properties"].as_object().unwrap();
+            // The defaults give exactly the fields the type declares.
+            let mut keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+            let mut want: Vec<&String> = props.keys().collect();
+            keys.sort();
+            want.sort();
+            assert_eq!(keys, want, "{method}");
+            let small = resolve(method, &spec(4), &Value::Null).unwrap();
             if let Some(l) = small.get("layer") {
-                assert!(l.as_u64().unwrap() < 4);
+                assert!(l.as_u64().unwrap() < 4, "{method}: {small}");
             }
         }
-        let memit = defaults(Method::Memit, &spec(30));
-        assert_eq!(memit["layers"], json!([3, 4, 5, 6, 7]));
+        assert_eq!(
+            defaults(m("memit"), &spec(30))["layers"],
+            json!([3, 4, 5, 6, 7])
+        );
+        assert_eq!(defaults(m("rome"), &spec(30))["layer"], json!(4));
+        assert_eq!(defaults(m("rome"), &spec(60))["layer"], json!(8));
+    }
+
+    #[test]
+    fn schema_ranges_are_enforced_and_shown() {
+        let schema = m("rome").imp().hparams_schema();
+        assert_eq!(schema["properties"]["v_steps"]["minimum"], json!(1));
+        assert_eq!(schema["properties"]["v_steps"]["maximum"], json!(200));
+        assert_eq!(schema["additionalProperties"], json!(false));
+        let s = spec(30);
+        let e = resolve(m("rome"), &s, &json!({"v_steps": 201})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hparams.v_steps: must be in [1, 200]. Given: 201"
+        );
+        let e = resolve(m("memit"), &s, &json!({"mom2_update_weight": -1.0})).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("hparams.mom2_update_weight: must be in [0, "),
+            "{e}"
+        );
     }
 
     #[test]
     fn overrides_are_checked_and_name_the_field() {
         let s = spec(30);
-        let e = resolve(Method::Rome, &s, &json!({"layer": 30})).unwrap_err();
+        let e = resolve(m("rome"), &s, &json!({"layer": 30})).unwrap_err();
         assert!(e.to_string().starts_with("hparams.layer:"), "{e}");
-        let e = resolve(Method::Rome, &s, &json!({"v_lr": -1.0})).unwrap_err();
+        let e = resolve(m("rome"), &s, &json!({"v_lr": -1.0})).unwrap_err();
         assert!(e.to_string().starts_with("hparams.v_lr:"), "{e}");
-        let e = resolve(Method::Rome, &s, &json!({"bogus": 1})).unwrap_err();
+        let e = resolve(m("rome"), &s, &json!({"bogus": 1})).unwrap_err();
         assert!(e.to_string().starts_with("hparams.bogus:"), "{e}");
-        let e = resolve(Method::Memit, &s, &json!({"layers": [5, 4]})).unwrap_err();
+        let e = resolve(m("memit"), &s, &json!({"layers": [5, 4]})).unwrap_err();
         assert!(e.to_string().starts_with("hparams.layers:"), "{e}");
-        let e = resolve(Method::FtL, &s, &json!({"steps": "many"})).unwrap_err();
+        let e = resolve(m("ft-l"), &s, &json!({"steps": "many"})).unwrap_err();
         assert!(e.to_string().starts_with("hparams.steps:"), "{e}");
-        let ok = resolve(Method::Rome, &s, &json!({"v_steps": 5})).unwrap();
+        let ok = resolve(m("rome"), &s, &json!({"v_steps": 5})).unwrap();
         assert_eq!(ok["v_steps"], 5);
     }
 }

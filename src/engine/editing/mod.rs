@@ -1,17 +1,25 @@
-//! Editing methods: each turns a batch of edit requests into deltas over the session's current
-//! model (see [`crate::engine::overlay`]), plus the edit metrics measured before and after.
+//! Editing methods: each turns a batch of edit requests into deltas (and method state) over the
+//! session's current model (see [`crate::engine::overlay`]), plus the edit metrics measured
+//! before and after.
 //!
+//! A method is a plug-in: one file implementing [`method::TypedMethod`], one line in the
+//! registry ([`method`]) and its defaults in `defaults/hparams.toml`. The primitives methods
+//! share (subject positions, key reads, value optimisation, loss terms) are in [`primitives`].
 //! Methods: ROME (rank-one at one layer), MEMIT (a batch spread over several layers), FT-L and
 //! FT-M (norm-bounded fine-tuning of one layer's down projection, stored as a dense delta).
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{ModelError, ModelSpec, Tok};
+use super::model::{ModelError, Tok};
+use super::overlay::{Delta, Overlay, StateEntry};
 
 pub mod datasets;
 pub mod hparams;
+pub mod method;
 pub mod metrics;
+pub mod primitives;
 pub mod stats;
 
 mod compute;
@@ -20,8 +28,13 @@ mod memit;
 mod rome;
 
 pub use compute::{apply, apply_prepared, remeasure, EditContext, MeasureOptions};
-pub use hparams::{FtHparams, MemitHparams, RomeHparams};
+pub use ft::FtHparams;
+pub use memit::MemitHparams;
+pub use method::{
+    methods, EditInput, EditMethod, Method, MethodInfo, MethodOutput, Resource, Resources,
+};
 pub use metrics::{EditMetrics, EditReport, PromptScore};
+pub use rome::RomeHparams;
 
 /// Longest target (tokens) an edit may ask for.
 pub const MAX_TARGET_TOKENS: usize = 32;
@@ -29,73 +42,6 @@ pub const MAX_TARGET_TOKENS: usize = 32;
 pub const MAX_PROMPT_CHARS: usize = 2048;
 /// Most auxiliary prompts (rephrase, locality, portability) per request, each.
 pub const MAX_AUX_PROMPTS: usize = 32;
-
-/// The methods emend implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Method {
-    #[serde(rename = "rome")]
-    Rome,
-    #[serde(rename = "memit")]
-    Memit,
-    #[serde(rename = "ft-l")]
-    FtL,
-    #[serde(rename = "ft-m")]
-    FtM,
-}
-
-impl Method {
-    pub const ALL: [Method; 4] = [Self::Rome, Self::Memit, Self::FtL, Self::FtM];
-
-    /// Every registered method, in registry order.
-    pub fn all() -> Vec<Method> {
-        Self::ALL.to_vec()
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Rome => "rome",
-            Self::Memit => "memit",
-            Self::FtL => "ft-l",
-            Self::FtM => "ft-m",
-        }
-    }
-
-    pub fn description(self) -> &'static str {
-        match self {
-            Self::Rome => "Rank-one model editing (Meng et al. 2022): one edit at a time, a rank-one update of one layer's MLP down projection from a key covariance and an optimised value.",
-            Self::Memit => "Mass-editing memory in a transformer (Meng et al. 2023): a batch of edits spread over several layers by per-layer least squares with the key covariance.",
-            Self::FtL => "Constrained fine-tuning of one layer's MLP down projection (Zhu et al. 2020), EasyEdit's `prompt_last` objective: the log-probabilities of the target's tokens at the prompt's last position; the update is clamped to an L∞ norm.",
-            Self::FtM => "Constrained fine-tuning of one layer's MLP down projection with the loss masked to the target tokens (EasyEdit's FT-M); the update is clamped to an L∞ norm.",
-        }
-    }
-
-    /// True when a batch is one update (MEMIT); false when requests are applied one by one.
-    pub fn batched(self) -> bool {
-        matches!(self, Self::Memit)
-    }
-}
-
-impl std::str::FromStr for Method {
-    type Err = EditError;
-    fn from_str(s: &str) -> Result<Self, EditError> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| EditError::Invalid {
-                field: "method".into(),
-                message: format!(
-                    "unknown method `{s}`; known: {}",
-                    Self::ALL.map(|m| m.name()).join(", ")
-                ),
-            })
-    }
-}
-
-impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// A prompt and, where the metric needs one, its expected answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -323,33 +269,6 @@ pub fn validate(requests: &[EditRequest], tok: &Tok) -> Result<(), EditError> {
     Ok(())
 }
 
-/// One method as `GET /v1/methods` describes it.
-#[derive(Debug, Clone, Serialize)]
-pub struct MethodInfo {
-    pub name: &'static str,
-    pub description: &'static str,
-    /// A batch is one update (`true`) or requests are applied one by one.
-    pub batched: bool,
-    /// JSON Schema of the hyper-parameters.
-    pub hparams_schema: serde_json::Value,
-    /// Defaults for the loaded model's architecture (and where they come from).
-    pub defaults: serde_json::Value,
-}
-
-/// Every method, with defaults for this model.
-pub fn methods(spec: &ModelSpec) -> Vec<MethodInfo> {
-    Method::ALL
-        .into_iter()
-        .map(|m| MethodInfo {
-            name: m.name(),
-            description: m.description(),
-            batched: m.batched(),
-            hparams_schema: hparams::schema(m),
-            defaults: hparams::defaults(m, spec),
-        })
-        .collect()
-}
-
 /// Where statistics are cached and which corpus they come from.
 #[derive(Debug, Clone)]
 pub struct EditingEnv {
@@ -359,10 +278,13 @@ pub struct EditingEnv {
     pub data_dir: Option<PathBuf>,
 }
 
-/// One step of an edit job: a new version's deltas and the reports of the requests in it.
+/// One step of an edit job: a new version's deltas and method state, and the reports of the
+/// requests in it.
 #[derive(Debug, Clone)]
 pub struct EditStep {
-    pub deltas: Vec<super::overlay::Delta>,
+    pub deltas: Vec<Delta>,
+    /// Method state the version adds (see [`Overlay::state`]).
+    pub state: Vec<StateEntry>,
     pub reports: Vec<EditReport>,
     /// Resolved hyper-parameters (defaults + overrides).
     pub hparams: serde_json::Value,
@@ -373,10 +295,7 @@ pub struct EditStep {
 
 impl EditStep {
     /// The version this step makes on top of `parent`.
-    pub fn version_on(
-        &self,
-        parent: &std::sync::Arc<super::overlay::Overlay>,
-    ) -> std::sync::Arc<super::overlay::Overlay> {
-        super::overlay::Overlay::push(parent, self.deltas.clone())
+    pub fn version_on(&self, parent: &Arc<Overlay>) -> Arc<Overlay> {
+        Overlay::push_with(parent, self.deltas.clone(), self.state.clone())
     }
 }

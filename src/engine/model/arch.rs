@@ -3,7 +3,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::{Forward, Result, Site};
+use super::{Forward, Result, Site, WeightId};
 
 /// Architecture families emend implements itself (one file each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -58,8 +58,9 @@ pub trait CausalLm: Send + Sync {
     /// Final norm and LM head: `(.., d)` → `(.., vocab)` logits.
     fn head(&self, h: &Tensor, differentiable: bool) -> Result<Tensor>;
 
-    /// The weight of the projection that reads `mlp.in` and writes `mlp.out`, as `(out, in)`.
-    fn mlp_out_weight(&self, layer: usize) -> &Tensor;
+    /// The weight `id` names, as `(out, in)`; an error for a linear this architecture does not
+    /// have. A base model returns its own weight; an edited view returns the edited one.
+    fn weight(&self, id: WeightId) -> Result<Tensor>;
 
     fn device(&self) -> &Device;
     fn dtype(&self) -> DType;

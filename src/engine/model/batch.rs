@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::layers::Proj;
-use super::{Hooks, KvCache, Result};
+use super::{Hooks, KvCache, Result, WeightId};
 use crate::engine::overlay::{LayerPatch, PreparedOverlay};
 
 pub struct Forward<'a> {
@@ -19,7 +19,7 @@ pub struct Forward<'a> {
     pub(crate) hooks: Option<&'a mut Hooks>,
     /// Use only ops with a backward pass (no fused kernels).
     pub(crate) differentiable: bool,
-    /// A session's edits, applied at each edited down projection.
+    /// A session's edits, applied at each edited weight.
     pub(crate) overlay: Option<Arc<PreparedOverlay>>,
     positions: OnceCell<Tensor>,
     mask: OnceCell<Option<Tensor>>,
@@ -84,9 +84,10 @@ impl<'a> Forward<'a> {
         std::mem::replace(&mut self.overlay, overlay)
     }
 
-    /// Layer `layer`'s MLP down/out projection of `key`, with the session's delta if it has one.
-    pub(crate) fn mlp_down(&self, layer: usize, proj: &Proj, key: &Tensor) -> Result<Tensor> {
-        match self.overlay.as_deref().and_then(|o| o.layer(layer)) {
+    /// The projection `id` of `x`, with the session's delta if it has one.
+    pub(crate) fn linear(&self, id: WeightId, proj: &Proj, x: &Tensor) -> Result<Tensor> {
+        let key = x;
+        match self.overlay.as_deref().and_then(|o| o.weight(id)) {
             None => proj.forward(key),
             Some(LayerPatch::Dense { weight }) => Proj {
                 weight: weight.clone(),

@@ -10,7 +10,9 @@ use serde::Deserialize;
 use super::hooks::at_site;
 use super::layers::{attention, get, split_heads, LayerNorm, Proj};
 use super::llama::lm_head;
+use super::weights::missing;
 use super::{Architecture, CausalLm, Forward, ModelError, ModelSpec, Result, Site, SiteKind};
+use super::{Linear, WeightId};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Gpt2Config {
@@ -145,6 +147,14 @@ impl Gpt2 {
     }
 }
 
+/// The linears of a GPT-2 block: `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`.
+const LINEARS: [Linear; 4] = [
+    Linear::AttnQkv,
+    Linear::AttnO,
+    Linear::MlpUp,
+    Linear::MlpDown,
+];
+
 impl CausalLm for Gpt2 {
     fn spec(&self) -> &ModelSpec {
         &self.spec
@@ -183,7 +193,8 @@ impl CausalLm for Gpt2 {
         for i in range {
             let blk = &self.blocks[i];
             let x = blk.ln_1.forward(&h, diff)?;
-            let qkv = blk.c_attn.forward(&x)?;
+            let w = |linear| WeightId::new(i, linear);
+            let qkv = fwd.linear(w(Linear::AttnQkv), &blk.c_attn, &x)?;
             let q = split_heads(&qkv.narrow(D::Minus1, 0, d)?, heads)?;
             let k = split_heads(&qkv.narrow(D::Minus1, d, d)?, heads)?;
             let v = split_heads(&qkv.narrow(D::Minus1, 2 * d, d)?, heads)?;
@@ -192,14 +203,14 @@ impl CausalLm for Gpt2 {
                 None => (k, v),
             };
             let y = attention(&q, &k, &v, fwd, None)?;
-            let a = blk.attn_proj.forward(&y)?;
+            let a = fwd.linear(w(Linear::AttnO), &blk.attn_proj, &y)?;
             let a = at_site(&mut fwd.hooks, Site::new(i, SiteKind::AttnOut), a)?;
             h = (h + a)?;
 
             let x = blk.ln_2.forward(&h, diff)?;
-            let key = blk.c_fc.forward(&x)?.gelu()?;
+            let key = fwd.linear(w(Linear::MlpUp), &blk.c_fc, &x)?.gelu()?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
-            let m = fwd.mlp_down(i, &blk.mlp_proj, &key)?;
+            let m = fwd.linear(w(Linear::MlpDown), &blk.mlp_proj, &key)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;
             h = (h + m)?;
             h = at_site(&mut fwd.hooks, Site::new(i, SiteKind::Residual), h)?;
@@ -211,8 +222,18 @@ impl CausalLm for Gpt2 {
         lm_head(&self.ln_f.forward(h, differentiable)?, &self.wte)
     }
 
-    fn mlp_out_weight(&self, layer: usize) -> &Tensor {
-        &self.blocks[layer].mlp_proj.weight
+    fn weight(&self, id: WeightId) -> Result<Tensor> {
+        let blk = self.blocks.get(id.layer).ok_or_else(|| {
+            ModelError::InvalidInput(format!("{id}: the model has {} layers", self.blocks.len()))
+        })?;
+        let p = match id.linear {
+            Linear::AttnQkv => &blk.c_attn,
+            Linear::AttnO => &blk.attn_proj,
+            Linear::MlpUp => &blk.c_fc,
+            Linear::MlpDown => &blk.mlp_proj,
+            _ => return Err(missing("gpt2", id, &LINEARS)),
+        };
+        Ok(p.weight.clone())
     }
     fn device(&self) -> &Device {
         &self.device

@@ -8,7 +8,9 @@ use serde::Deserialize;
 use super::hooks::at_site;
 use super::layers::{attention, get, LayerNorm, Proj, Rope};
 use super::llama::lm_head;
+use super::weights::missing;
 use super::{Architecture, CausalLm, Forward, ModelError, ModelSpec, Result, Site, SiteKind};
+use super::{Linear, WeightId};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct GptNeoxConfig {
@@ -151,6 +153,15 @@ impl GptNeox {
     }
 }
 
+/// The linears of a GPT-NeoX block: `attention.query_key_value`, `attention.dense`,
+/// `mlp.dense_h_to_4h`, `mlp.dense_4h_to_h`.
+const LINEARS: [Linear; 4] = [
+    Linear::AttnQkv,
+    Linear::AttnO,
+    Linear::MlpUp,
+    Linear::MlpDown,
+];
+
 impl CausalLm for GptNeox {
     fn spec(&self) -> &ModelSpec {
         &self.spec
@@ -180,9 +191,9 @@ impl CausalLm for GptNeox {
             let x = blk.ln_in.forward(&h, diff)?;
             let (b, t, _) = x.dims3()?;
             // The fused projection is laid out per head as [q | k | v].
-            let qkv = blk
-                .qkv
-                .forward(&x)?
+            let w = |linear| WeightId::new(i, linear);
+            let qkv = fwd
+                .linear(w(Linear::AttnQkv), &blk.qkv, &x)?
                 .reshape((b, t, heads, 3 * hd))?
                 .transpose(1, 2)?;
             let q = qkv.narrow(D::Minus1, 0, hd)?;
@@ -195,7 +206,7 @@ impl CausalLm for GptNeox {
                 None => (k, v),
             };
             let y = attention(&q, &k, &v, fwd, None)?;
-            let a = blk.dense.forward(&y)?;
+            let a = fwd.linear(w(Linear::AttnO), &blk.dense, &y)?;
             let a = at_site(&mut fwd.hooks, Site::new(i, SiteKind::AttnOut), a)?;
 
             // Parallel residual: the MLP reads the block input, not the post-attention stream.
@@ -205,9 +216,9 @@ impl CausalLm for GptNeox {
                 (&h + &a)?
             };
             let x = blk.ln_post.forward(&mlp_in, diff)?;
-            let key = blk.up.forward(&x)?.gelu_erf()?;
+            let key = fwd.linear(w(Linear::MlpUp), &blk.up, &x)?.gelu_erf()?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
-            let m = fwd.mlp_down(i, &blk.down, &key)?;
+            let m = fwd.linear(w(Linear::MlpDown), &blk.down, &key)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;
             h = if self.cfg.use_parallel_residual {
                 ((h + a)? + m)?
@@ -223,8 +234,18 @@ impl CausalLm for GptNeox {
         lm_head(&self.ln_f.forward(h, differentiable)?, &self.head)
     }
 
-    fn mlp_out_weight(&self, layer: usize) -> &Tensor {
-        &self.blocks[layer].down.weight
+    fn weight(&self, id: WeightId) -> Result<Tensor> {
+        let blk = self.blocks.get(id.layer).ok_or_else(|| {
+            ModelError::InvalidInput(format!("{id}: the model has {} layers", self.blocks.len()))
+        })?;
+        let p = match id.linear {
+            Linear::AttnQkv => &blk.qkv,
+            Linear::AttnO => &blk.dense,
+            Linear::MlpUp => &blk.up,
+            Linear::MlpDown => &blk.down,
+            _ => return Err(missing("gpt_neox", id, &LINEARS)),
+        };
+        Ok(p.weight.clone())
     }
     fn device(&self) -> &Device {
         &self.device

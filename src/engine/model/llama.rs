@@ -8,7 +8,9 @@ use serde::Deserialize;
 
 use super::hooks::at_site;
 use super::layers::{attention, get, split_heads, Proj, RmsNorm, Rope};
+use super::weights::missing;
 use super::{Architecture, CausalLm, Forward, ModelError, ModelSpec, Result, Site, SiteKind};
+use super::{Linear, WeightId};
 
 /// Mirror of a Hugging Face `config.json` for `LlamaForCausalLM` / `MistralForCausalLM`.
 #[derive(Debug, Clone, Deserialize)]
@@ -221,6 +223,17 @@ impl Llama {
     }
 }
 
+/// The linears of a Llama block.
+const LINEARS: [Linear; 7] = [
+    Linear::AttnQ,
+    Linear::AttnK,
+    Linear::AttnV,
+    Linear::AttnO,
+    Linear::MlpGate,
+    Linear::MlpUp,
+    Linear::MlpDown,
+];
+
 impl CausalLm for Llama {
     fn spec(&self) -> &ModelSpec {
         &self.spec
@@ -244,9 +257,13 @@ impl CausalLm for Llama {
         for i in range {
             let blk = &self.blocks[i];
             let x = blk.attn_norm.forward(&h, diff)?;
-            let q = split_heads(&blk.attn.q.forward(&x)?, self.cfg.n_heads)?;
-            let k = split_heads(&blk.attn.k.forward(&x)?, self.cfg.n_kv_heads)?;
-            let v = split_heads(&blk.attn.v.forward(&x)?, self.cfg.n_kv_heads)?;
+            let w = |linear| WeightId::new(i, linear);
+            let q = fwd.linear(w(Linear::AttnQ), &blk.attn.q, &x)?;
+            let k = fwd.linear(w(Linear::AttnK), &blk.attn.k, &x)?;
+            let v = fwd.linear(w(Linear::AttnV), &blk.attn.v, &x)?;
+            let q = split_heads(&q, self.cfg.n_heads)?;
+            let k = split_heads(&k, self.cfg.n_kv_heads)?;
+            let v = split_heads(&v, self.cfg.n_kv_heads)?;
             let q = self.rope.apply(&q, &cos, &sin, diff)?;
             let k = self.rope.apply(&k, &cos, &sin, diff)?;
             let (k, v) = match fwd.cache.as_deref_mut() {
@@ -254,16 +271,16 @@ impl CausalLm for Llama {
                 None => (k, v),
             };
             let y = attention(&q, &k, &v, fwd, self.cfg.sliding_window)?;
-            let a = blk.attn.o.forward(&y)?;
+            let a = fwd.linear(w(Linear::AttnO), &blk.attn.o, &y)?;
             let a = at_site(&mut fwd.hooks, Site::new(i, SiteKind::AttnOut), a)?;
             h = (h + a)?;
 
             let x = blk.mlp_norm.forward(&h, diff)?;
-            let gate = blk.mlp.gate.forward(&x)?;
+            let gate = fwd.linear(w(Linear::MlpGate), &blk.mlp.gate, &x)?;
             let gate = gate.silu()?;
-            let key = (gate * blk.mlp.up.forward(&x)?)?;
+            let key = (gate * fwd.linear(w(Linear::MlpUp), &blk.mlp.up, &x)?)?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
-            let m = fwd.mlp_down(i, &blk.mlp.down, &key)?;
+            let m = fwd.linear(w(Linear::MlpDown), &blk.mlp.down, &key)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;
             h = (h + m)?;
             h = at_site(&mut fwd.hooks, Site::new(i, SiteKind::Residual), h)?;
@@ -276,8 +293,21 @@ impl CausalLm for Llama {
         lm_head(&x, &self.lm_head)
     }
 
-    fn mlp_out_weight(&self, layer: usize) -> &Tensor {
-        &self.blocks[layer].mlp.down.weight
+    fn weight(&self, id: WeightId) -> Result<Tensor> {
+        let blk = self.blocks.get(id.layer).ok_or_else(|| {
+            ModelError::InvalidInput(format!("{id}: the model has {} layers", self.blocks.len()))
+        })?;
+        let p = match id.linear {
+            Linear::AttnQ => &blk.attn.q,
+            Linear::AttnK => &blk.attn.k,
+            Linear::AttnV => &blk.attn.v,
+            Linear::AttnO => &blk.attn.o,
+            Linear::MlpGate => &blk.mlp.gate,
+            Linear::MlpUp => &blk.mlp.up,
+            Linear::MlpDown => &blk.mlp.down,
+            Linear::AttnQkv => return Err(missing("llama", id, &LINEARS)),
+        };
+        Ok(p.weight.clone())
     }
 
     fn device(&self) -> &Device {

@@ -18,6 +18,7 @@ pub mod loader;
 pub mod sampling;
 pub mod score;
 pub mod tokenizer;
+mod weights;
 
 pub use arch::{Architecture, CausalLm, ModelSpec};
 pub use batch::Forward;
@@ -27,3 +28,4 @@ pub use hooks::{HookAction, Hooks, PatchMode, Positions, Site, SiteKind};
 pub use kv_cache::KvCache;
 pub use loader::{DeviceKind, LoadOptions, LoadedModel, ModelSource};
 pub use tokenizer::Tok;
+pub use weights::{Linear, WeightId};

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use utoipa::ToSchema;
 
-use crate::engine::eval::{distinct_requests, get_task, prepare_task, EvalError, EvalOptions};
+use crate::engine::eval::{EvalError, EvalOptions};
 use crate::engine::worker::Engine;
 use crate::metrics::Metrics;
 use crate::sessions::{SessionError, Sessions};
@@ -26,11 +26,14 @@ use crate::store::{JobRow, Store, StoreError};
 
 mod backend;
 pub mod chart;
+mod checks;
 pub mod curve;
 mod eval;
 pub mod sweep;
 mod sweep_job;
 pub mod sweep_loop;
+
+use checks::{check_fewshot, check_limit, check_tasks, count_requests};
 
 pub use backend::EngineBackend;
 pub use sweep::{CurveRow, NewSweep, Sweep};
@@ -646,71 +649,4 @@ impl Jobs {
         self.refresh_gauge().await;
         Ok(())
     }
-}
-
-/// Canonical task names, each known and listed once.
-fn check_tasks(names: &[String]) -> Result<Vec<String>, JobError> {
-    if names.is_empty() || names.len() > MAX_TASKS {
-        return Err(invalid(
-            "tasks",
-            format!("must name 1 to {MAX_TASKS} tasks. Given: {}", names.len()),
-        ));
-    }
-    let mut tasks: Vec<String> = Vec::with_capacity(names.len());
-    for (i, name) in names.iter().enumerate() {
-        let t = get_task(name.trim()).map_err(|e| invalid(format!("tasks[{i}]"), e.to_string()))?;
-        if tasks.iter().any(|x| x == t.name()) {
-            return Err(invalid(
-                format!("tasks[{i}]"),
-                format!("repeats `{}`", t.name()),
-            ));
-        }
-        tasks.push(t.name().to_string());
-    }
-    Ok(tasks)
-}
-
-fn check_limit(limit: Option<i64>) -> Result<Option<usize>, JobError> {
-    match limit {
-        Some(l) if !(1..=MAX_LIMIT).contains(&l) => Err(invalid(
-            "limit",
-            format!("must be 1 to {MAX_LIMIT}. Given: {l}"),
-        )),
-        l => Ok(l.map(|l| l as usize)),
-    }
-}
-
-fn check_fewshot(n: Option<i64>) -> Result<Option<usize>, JobError> {
-    match n {
-        Some(n) if !(0..=MAX_FEWSHOT).contains(&n) => Err(invalid(
-            "num_fewshot",
-            format!("must be 0 to {MAX_FEWSHOT}. Given: {n}"),
-        )),
-        n => Ok(n.map(|n| n as usize)),
-    }
-}
-
-/// Builds every task's requests (off the async runtime) and counts the distinct ones: a task
-/// option it refuses or a missing data file is the client's answer, not a failed job later.
-async fn count_requests(
-    tasks: &[String],
-    opts: EvalOptions,
-    dir: PathBuf,
-) -> Result<u64, JobError> {
-    let tasks = tasks.to_vec();
-    tokio::task::spawn_blocking(move || -> Result<u64, JobError> {
-        let mut prepared = Vec::with_capacity(tasks.len());
-        for (i, t) in tasks.iter().enumerate() {
-            prepared.push(prepare_task(t, &opts, &dir).map_err(|e| match e {
-                EvalError::Option(m) => invalid("num_fewshot", m),
-                other => invalid(
-                    format!("tasks[{i}]"),
-                    format!("cannot be evaluated: {other}"),
-                ),
-            })?);
-        }
-        Ok(distinct_requests(&prepared).iter().map(|n| *n as u64).sum())
-    })
-    .await
-    .map_err(|e| invalid("tasks", format!("could not be prepared: {e}")))?
 }

@@ -12,10 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::{
-    check_fewshot, check_limit, check_tasks, count_requests, invalid, json, EvaluationSpec,
-    JobError, JobProgress, JobStatus, Jobs, Record, SWEEP,
-};
+use super::checks::{check_fewshot, check_limit, check_tasks, count_requests};
+use super::{invalid, json, EvaluationSpec, JobError, JobProgress, JobStatus, Jobs, Record, SWEEP};
 use crate::engine::editing::datasets::{self, EditDataset};
 use crate::engine::editing::{self, Method};
 use crate::engine::model::ModelSpec;

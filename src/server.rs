@@ -7,9 +7,9 @@ use actix_web::web;
 
 use crate::api::{self, AppState, Limits};
 use crate::config::{ApiKeys, Config};
-use crate::engine::editing::EditingEnv;
+use crate::engine::editing::{EditingEnv, Method};
 use crate::engine::model::LoadedModel;
-use crate::engine::worker::{Engine, EngineLimits};
+use crate::engine::worker::{Engine, EngineLimits, EngineMetrics};
 use crate::jobs::{Jobs, JobsConfig};
 use crate::metrics::Metrics;
 use crate::sessions::{Placement, Sessions};
@@ -29,7 +29,11 @@ pub async fn start(
     model: LoadedModel,
     listener: TcpListener,
 ) -> anyhow::Result<Running> {
-    let metrics = Arc::new(Metrics::new());
+    let methods: Vec<&str> = Method::all().into_iter().map(Method::name).collect();
+    let metrics = Arc::new(Metrics::new(&methods));
+    // The engine records into collectors of its own, exported with the service's.
+    let engine_metrics = EngineMetrics::new();
+    engine_metrics.register(&metrics.registry)?;
     let limits = EngineLimits {
         lane_capacity: [cfg.queue_interactive, cfg.queue_edit, cfg.queue_eval],
         max_batch: cfg.max_generation_batch,
@@ -39,7 +43,7 @@ pub async fn start(
         stats_dir: cfg.stats_dir(),
         data_dir: cfg.data_dir.clone(),
     };
-    let engine = Engine::start(model, limits, metrics.clone(), env);
+    let engine = Engine::start(model, limits, engine_metrics, env);
     std::fs::create_dir_all(&cfg.state_dir)?;
     let store = Store::connect(&cfg.database_url()).await?;
     // Restored deltas go where the engine computes, in its dtype: the same tensors an edit made.

@@ -14,13 +14,11 @@ use serde_json::{json, Value};
 
 use emend::engine::editing::EditingEnv;
 use emend::engine::eval::request::GenRequest;
-use emend::engine::eval::{
-    evaluate, prepare_task, EngineBackend, EvalOptions, LmBackend, ModelBackend, Request,
-};
+use emend::engine::eval::{evaluate, prepare_task, EvalOptions, LmBackend, ModelBackend, Request};
 use emend::engine::model::{LoadOptions, LoadedModel, ModelSource};
 use emend::engine::overlay::{Delta, Edited, Overlay};
-use emend::engine::worker::{Engine, EngineLimits, ModelView};
-use emend::metrics::Metrics;
+use emend::engine::worker::{Engine, EngineLimits, EngineMetrics, ModelView};
+use emend::jobs::EngineBackend;
 
 fn data_dir() -> std::path::PathBuf {
     common::shared_dir().join("data")
@@ -165,7 +163,7 @@ fn the_engine_backend_gives_the_in_process_numbers_on_an_edited_model() {
         &LoadOptions::default(),
     )
     .unwrap();
-    let metrics = Arc::new(Metrics::new());
+    let metrics = EngineMetrics::new();
     let engine = Engine::start(
         owned,
         EngineLimits::default(),

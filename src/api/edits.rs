@@ -9,7 +9,6 @@ use std::time::Instant;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::oneshot;
 use utoipa::ToSchema;
 
 use super::error::Problem;
@@ -17,7 +16,7 @@ use super::sessions::SessionDto;
 use super::{ApiError, AppState, Body, Code, Tenant};
 use crate::engine::editing::datasets::{self, EditDataset, Record};
 use crate::engine::editing::{self, EditError, EditRequest, MeasureOptions, Method};
-use crate::engine::worker::{EngineError, Lane, Work};
+use crate::engine::worker::Admission;
 use crate::sessions::AppliedVersion;
 use crate::store::{LogEntry, LogKind};
 
@@ -386,20 +385,10 @@ async fn apply_inner(
     let applied = state
         .sessions
         .apply_edit(&tenant.0, id, method, requests, move |view| async move {
-            let (tx, rx) = oneshot::channel();
-            engine.try_submit(
-                Lane::Edit,
-                Work::Edit {
-                    view,
-                    method,
-                    requests: reqs,
-                    hparams: overrides,
-                    opts: MeasureOptions { fluency },
-                    reply: tx,
-                },
-            )?;
-            rx.await
-                .map_err(|_| EngineError::Failed("the engine dropped the edit".into()))?
+            let opts = MeasureOptions { fluency };
+            engine
+                .edit(view, method, reqs, overrides, opts, Admission::Immediate)
+                .await
         })
         .await?;
     tracing::info!(session = %id, method = %method, version = applied.session.version,

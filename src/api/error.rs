@@ -205,6 +205,7 @@ impl From<EngineError> for ApiError {
                 detail: e.to_string(),
                 retry_after: Some(5),
             },
+            EngineError::Dropped => Self::new(Code::Internal, e.to_string()),
             EngineError::Model(m) => m.into(),
             EngineError::Edit(e) => e.into(),
             EngineError::Panicked(_) | EngineError::Failed(_) => {

@@ -2,7 +2,6 @@
 use actix_web::{web, HttpResponse};
 use futures_util::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
 use utoipa::ToSchema;
 
 use super::error::Problem;
@@ -10,7 +9,7 @@ use super::{ApiError, AppState, Body, Code, Limits, Tenant};
 use crate::engine::model::generate::{FinishReason, GenParams, Generation};
 use crate::engine::model::sampling::Sampling;
 use crate::engine::model::tokenizer::ChatMessage;
-use crate::engine::worker::{GenEvent, Lane, ModelView, Work};
+use crate::engine::worker::{GenEvent, GenEvents};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -226,30 +225,8 @@ pub(crate) fn render_messages(state: &AppState, messages: &[Message]) -> Result<
         .map_err(|e| ApiError::field("messages", e))
 }
 
-/// Submits one generation; returns the event receiver.
-pub(crate) fn submit_generation(
-    state: &AppState,
-    view: ModelView,
-    prompt: Vec<u32>,
-    params: GenParams,
-) -> Result<mpsc::UnboundedReceiver<GenEvent>, ApiError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    state.engine.try_submit(
-        Lane::Interactive,
-        Work::Generate {
-            view,
-            prompt,
-            params,
-            events: tx,
-        },
-    )?;
-    Ok(rx)
-}
-
 /// Waits for the final event, discarding streamed text.
-pub(crate) async fn finish(
-    mut rx: mpsc::UnboundedReceiver<GenEvent>,
-) -> Result<Generation, ApiError> {
+pub(crate) async fn finish(mut rx: GenEvents) -> Result<Generation, ApiError> {
     while let Some(ev) = rx.recv().await {
         if let GenEvent::Done(r) = ev {
             return r.map_err(Into::into);
@@ -263,11 +240,7 @@ pub(crate) async fn finish(
 
 /// Server-sent events from the engine's events: `render_text` turns a delta into an event,
 /// `render_done` the final generation.
-pub(crate) fn sse<T, D>(
-    rx: mpsc::UnboundedReceiver<GenEvent>,
-    render_text: T,
-    render_done: D,
-) -> HttpResponse
+pub(crate) fn sse<T, D>(rx: GenEvents, render_text: T, render_done: D) -> HttpResponse
 where
     T: Fn(&str) -> String + 'static,
     D: Fn(Result<Generation, ApiError>) -> String + 'static,
@@ -347,7 +320,7 @@ async fn generate(
         },
     )?;
     let (sid, version) = (id.into_inner(), view.version);
-    let rx = submit_generation(&state, view, ids, params)?;
+    let rx = state.engine.generate(view, ids, params)?;
     if body.stream {
         return Ok(sse(
             rx,
@@ -412,22 +385,11 @@ async fn loglikelihood(
             "must not be empty",
         ));
     }
-    let (tx, rx) = oneshot::channel();
     let pairs = reqs
         .into_iter()
         .map(|r| (r.context, r.continuation))
         .collect();
-    state.engine.try_submit(
-        Lane::Interactive,
-        Work::Loglikelihood {
-            view,
-            pairs,
-            reply: tx,
-        },
-    )?;
-    let out = rx
-        .await
-        .map_err(|_| ApiError::new(Code::Internal, "the engine dropped the request"))??;
+    let out = state.engine.loglikelihood(view, pairs).await?;
     Ok(web::Json(LoglikelihoodResponse {
         results: out
             .into_iter()

@@ -6,17 +6,14 @@
 //! (or `base`) for the base model. Tokenizer probes live at the server root.
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 use utoipa::ToSchema;
 
 use super::error::OpenAiError;
-use super::inference::{
-    finish, gen_params, render_messages, sse, submit_generation, Message, SamplingFields,
-};
+use super::inference::{finish, gen_params, render_messages, sse, Message, SamplingFields};
 use super::{ApiError, AppState, Body, Code, Tenant};
 use crate::engine::model::generate::{FinishReason, Generation};
 use crate::engine::model::score::TokenScores;
-use crate::engine::worker::{Lane, ModelView, Work};
+use crate::engine::worker::{Admission, ModelView};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     use super::resource;
@@ -344,7 +341,9 @@ async fn completions(
             )
             .into());
         }
-        let rx = submit_generation(&state, view, prompts[0].clone(), params[0].clone())?;
+        let rx = state
+            .engine
+            .generate(view, prompts[0].clone(), params[0].clone())?;
         let id = format!("cmpl-{}", uuid::Uuid::new_v4());
         let (id2, m2) = (id.clone(), model_name.clone());
         return Ok(sse(
@@ -386,8 +385,7 @@ async fn completions(
             if gp.max_tokens == 0 {
                 pending.push(None);
             } else {
-                pending.push(Some(submit_generation(
-                    &state,
+                pending.push(Some(state.engine.generate(
                     view.clone(),
                     p.clone(),
                     gp.clone(),
@@ -423,24 +421,12 @@ async fn completions(
             from.push(if req.echo { 1 } else { p.len() });
             seqs.push(s);
         }
-        let (tx, rx) = oneshot::channel();
-        state
-            .engine
-            .submit_waiting(
-                Lane::Eval,
-                Work::Score {
-                    view: view.clone(),
-                    seqs,
-                    from,
-                    top_n: top_n.max(1),
-                    reply: tx,
-                },
-                state.limits.eval_patience,
-            )
-            .await?;
+        let admission = Admission::Patient(state.limits.eval_patience);
         Some(
-            rx.await
-                .map_err(|_| ApiError::new(Code::Internal, "the engine dropped the request"))??,
+            state
+                .engine
+                .score(view.clone(), seqs, from, top_n.max(1), admission)
+                .await?,
         )
     } else {
         None
@@ -591,7 +577,7 @@ async fn chat_completions(
         },
     )?;
     let prompt_tokens = ids.len();
-    let rx = submit_generation(&state, view, ids, params)?;
+    let rx = state.engine.generate(view, ids, params)?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4());
     let model = req.model.clone();
     if req.stream {

@@ -12,7 +12,7 @@ use super::error::Code;
 use super::error::Problem;
 use super::{ApiError, AppState, Body, Tenant};
 use crate::jobs::chart::{self, ChartError};
-use crate::jobs::sweep::{curve_csv, curve_json};
+use crate::jobs::curve::{curve_csv, curve_json};
 use crate::jobs::{NewSweep, Sweep};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

@@ -1,26 +1,28 @@
-//! `emend sweep`: the paper's protocol in-process. For each method, the first N records of an
-//! editing dataset are applied one at a time to a fresh overlay; at each checkpoint the tasks
-//! run on the edited model and the edits' metrics are averaged. After every checkpoint the
-//! curve so far is written to `--out` as curve.csv, curve.json, curve.svg and curve.png (the
-//! same rows and renderings as `GET /v1/sweeps/{id}/results.csv`, `/curve`, `/chart.svg` and
-//! `/chart.png`).
+//! `emend sweep`: the paper's protocol in-process, the in-process front end of the sweep loop
+//! the service's sweep jobs run (`jobs::sweep_loop`). For each method, the first N records of
+//! an editing dataset are applied one at a time to a fresh overlay; at each checkpoint the
+//! tasks run on the edited model and the edits' metrics are averaged. After every checkpoint
+//! the curve so far is written to `--out` as curve.csv, curve.json, curve.svg and curve.png
+//! (the same rows and renderings as `GET /v1/sweeps/{id}/results.csv`, `/curve`, `/chart.svg`
+//! and `/chart.png`).
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use chrono::{SecondsFormat, Utc};
 use clap::Args;
+use serde_json::Value;
 
 use emend::engine::editing::datasets::{self, EditDataset};
-use emend::engine::editing::{self, EditContext, MeasureOptions};
+use emend::engine::editing::{self, EditContext, EditMetrics, EditRequest, MeasureOptions, Method};
 use emend::engine::eval::{evaluate, get_task, EvalOptions, ModelBackend};
 use emend::engine::model::LoadedModel;
 use emend::engine::overlay::{Edited, Overlay, PreparedOverlay};
 use emend::jobs::chart::{self, ChartError};
-use emend::jobs::sweep::{
-    check_hparams, check_methods, curve_csv, curve_json, headline_metrics, mean_metrics,
-    mean_post_metrics, title, SweepSpec,
-};
+use emend::jobs::curve::{curve_csv, curve_json};
+use emend::jobs::sweep::{check_hparams, check_methods, title, SweepSpec};
+use emend::jobs::sweep_loop::{drive, Start, SweepFront};
 use emend::jobs::CurveRow;
 
 use super::{load, Global};
@@ -102,9 +104,9 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
     for t in &a.tasks {
         get_task(t.trim())?;
     }
-    let overrides: serde_json::Value = match &a.hparams {
+    let overrides: Value = match &a.hparams {
         Some(s) => serde_json::from_str(s).context("--hparams must be a JSON object")?,
-        None => serde_json::Value::Null,
+        None => Value::Null,
     };
     let dir = super::eval::data_dir(a.data_dir.clone());
     let records: Vec<_> = datasets::load(ds, &dir)?
@@ -131,123 +133,164 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
     };
     check_hparams(&spec, &methods, m.model.spec())?;
     editing::validate(&records, &m.tokenizer)?;
-    let ctx = EditContext::new(super::edit::env(Some(dir.clone())), &m.info);
-    let opts = EvalOptions {
-        limit: a.limit.map(|l| l as usize),
-        num_fewshot: a.num_fewshot,
-        seed: a.seed,
+    let mut front = InProcess {
+        m: &m,
+        ctx: EditContext::new(super::edit::env(Some(dir.clone())), &m.info),
+        opts: EvalOptions {
+            limit: spec.limit,
+            num_fewshot: spec.num_fewshot,
+            seed: spec.seed,
+        },
+        tasks: &spec.tasks,
+        dir,
+        out: &a.out,
+        title: title(&spec.methods(), ds, n),
+        method: "",
+        rows: Vec::new(),
     };
-    let title = title(&spec.methods(), ds, n);
-    let mut rows: Vec<CurveRow> = Vec::new();
-    for &method in &methods {
-        let hparams = spec.hparams_for(method.name());
-        let mut overlay = Overlay::base();
-        // Each version prepared from the one before (the chain is never summed again).
-        let mut prepared = Arc::new(overlay.prepare(m.model.as_ref())?);
-        let mut reports = Vec::new();
-        let mut applied = 0;
-        for &c in &a.checkpoints {
-            while applied < c {
-                let t = std::time::Instant::now();
-                let steps = editing::apply_prepared(
-                    &m,
-                    &overlay,
-                    prepared.clone(),
-                    method,
-                    std::slice::from_ref(&records[applied]),
-                    &hparams,
-                    MeasureOptions::default(),
-                    &ctx,
-                )
-                .with_context(|| format!("{} edit {}", method.name(), applied + 1))?;
-                for s in steps {
-                    reports.extend(
-                        s.reports
-                            .iter()
-                            .map(|r| serde_json::to_value(r).unwrap_or_default()),
-                    );
-                    overlay = Overlay::push(&overlay, s.deltas);
-                    prepared = Arc::new(overlay.prepare_on(m.model.as_ref(), &prepared)?);
-                }
-                applied += 1;
-                tracing::info!(
-                    method = method.name(),
-                    applied,
-                    seconds = t.elapsed().as_secs_f64(),
-                    "edit applied"
-                );
-            }
-            // The 0-edit checkpoint is the base model, the same for every method.
-            let base = (c == 0)
-                .then(|| rows.iter().find(|r| r.n_edits == 0).cloned())
-                .flatten();
-            let row = match base {
-                Some(b) => CurveRow {
-                    method: method.name().to_string(),
-                    ..b
-                },
-                None => CurveRow {
-                    method: method.name().to_string(),
-                    ..checkpoint(
-                        &m,
-                        &overlay,
-                        &prepared,
-                        &a.tasks,
-                        &opts,
-                        &dir,
-                        &records[..c],
-                        &reports,
-                    )
-                    .with_context(|| format!("{} checkpoint {c}", method.name()))?
-                },
-            };
-            rows.push(row);
-            write_curve(&a.out, &rows, &title)?;
-            tracing::info!(method = method.name(), n_edits = c, "checkpoint finished");
-        }
-    }
+    // Nothing here awaits anything but the front's own (blocking) work: one thread suffices.
+    tokio::runtime::Builder::new_current_thread()
+        .build()?
+        .block_on(drive(&mut front, &spec, &methods, &records, Vec::new()))?;
     if g.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&front.rows)?);
     } else {
-        print!("{}", curve_csv(&rows));
+        print!("{}", curve_csv(&front.rows));
     }
     Ok(())
 }
 
-/// The overlay's model evaluated: the tasks, the edits so far re-measured, and the at-apply
-/// metrics averaged.
-#[allow(clippy::too_many_arguments)] // the sweep's state at one checkpoint
-fn checkpoint(
-    m: &LoadedModel,
-    overlay: &Overlay,
-    prepared: &Arc<PreparedOverlay>,
-    tasks: &[String],
-    opts: &EvalOptions,
-    dir: &Path,
-    edits: &[editing::EditRequest],
-    reports: &[serde_json::Value],
-) -> Result<CurveRow> {
-    let edited = Edited::new(m.model.as_ref(), prepared.clone());
-    let mut backend = ModelBackend::new(&edited, &m.tokenizer);
-    let res = evaluate(tasks, opts, dir, &mut backend, &mut |_, _| true)?;
-    let tasks = res
-        .results
-        .iter()
-        .map(|(t, r)| Ok((t.clone(), headline_metrics(&serde_json::to_value(r)?))))
-        .collect::<Result<_>>()?;
-    let retained = editing::remeasure(m.model.as_ref(), &edited, &m.tokenizer, edits)
-        .context("re-measuring the edits")?;
-    let retained: Vec<serde_json::Value> = retained
-        .iter()
-        .map(serde_json::to_value)
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(CurveRow {
-        method: String::new(),
-        n_edits: edits.len(),
-        version: overlay.depth() as u64,
-        edit: mean_metrics(&retained),
-        edit_at_apply: mean_post_metrics(reports),
-        tasks,
-        finished_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
-    })
+/// A version of the in-process model: the overlay, and its deltas prepared for forwards (each
+/// version's prepared from the one before, so the chain is never summed again).
+#[derive(Clone)]
+struct Version {
+    overlay: Arc<Overlay>,
+    prepared: Arc<PreparedOverlay>,
+}
+
+/// The sweep loop on a model loaded in this process, the curve written to files.
+struct InProcess<'a> {
+    m: &'a LoadedModel,
+    ctx: EditContext,
+    opts: EvalOptions,
+    tasks: &'a [String],
+    dir: PathBuf,
+    out: &'a Path,
+    title: String,
+    /// The method running (for error messages).
+    method: &'static str,
+    /// The curve so far.
+    rows: Vec<CurveRow>,
+}
+
+impl InProcess<'_> {
+    fn edited(&self, v: &Version) -> Edited<'_> {
+        Edited::new(self.m.model.as_ref(), v.prepared.clone())
+    }
+
+    fn at_checkpoint(&self, v: &Version) -> String {
+        format!("{} checkpoint {}", self.method, v.overlay.depth())
+    }
+}
+
+impl SweepFront for InProcess<'_> {
+    type Version = Version;
+    type Error = anyhow::Error;
+
+    fn number(&self, v: &Version) -> u64 {
+        v.overlay.depth() as u64
+    }
+
+    /// Ctrl-C ends the process; the files hold the checkpoints finished so far.
+    fn cancelled(&self) -> bool {
+        false
+    }
+
+    async fn start(&mut self, method: Method) -> Result<Start<Version>> {
+        self.method = method.name();
+        let overlay = Overlay::base();
+        let prepared = Arc::new(overlay.prepare(self.m.model.as_ref())?);
+        Ok(Start {
+            version: Version { overlay, prepared },
+            applied: 0,
+            reports: Vec::new(),
+        })
+    }
+
+    async fn apply(
+        &mut self,
+        method: Method,
+        hparams: &Value,
+        v: &Version,
+        record: &EditRequest,
+        n: usize,
+    ) -> Result<(Version, Vec<Value>)> {
+        let t = Instant::now();
+        let steps = editing::apply_prepared(
+            self.m,
+            &v.overlay,
+            v.prepared.clone(),
+            method,
+            std::slice::from_ref(record),
+            hparams,
+            MeasureOptions::default(),
+            &self.ctx,
+        )
+        .with_context(|| format!("{} edit {n}", method.name()))?;
+        let mut next = v.clone();
+        let mut reports = Vec::new();
+        for s in steps {
+            reports.extend(
+                s.reports
+                    .iter()
+                    .map(|r| serde_json::to_value(r).unwrap_or_default()),
+            );
+            let overlay = s.version_on(&next.overlay);
+            let prepared = Arc::new(overlay.prepare_on(self.m.model.as_ref(), &next.prepared)?);
+            next = Version { overlay, prepared };
+        }
+        tracing::info!(
+            method = method.name(),
+            applied = n,
+            seconds = t.elapsed().as_secs_f64(),
+            "edit applied"
+        );
+        Ok((next, reports))
+    }
+
+    async fn remeasure(&mut self, v: &Version, edits: &[EditRequest]) -> Result<Vec<EditMetrics>> {
+        editing::remeasure(
+            self.m.model.as_ref(),
+            &self.edited(v),
+            &self.m.tokenizer,
+            edits,
+        )
+        .with_context(|| format!("{}: re-measuring the edits", self.at_checkpoint(v)))
+    }
+
+    async fn tasks(&mut self, v: &Version) -> Result<BTreeMap<String, Value>> {
+        let edited = self.edited(v);
+        let mut backend = ModelBackend::new(&edited, &self.m.tokenizer);
+        let res = evaluate(
+            self.tasks,
+            &self.opts,
+            &self.dir,
+            &mut backend,
+            &mut |_, _| true,
+        )
+        .with_context(|| self.at_checkpoint(v))?;
+        res.results
+            .iter()
+            .map(|(t, r)| Ok((t.clone(), serde_json::to_value(r)?)))
+            .collect()
+    }
+
+    async fn edit_applied(&mut self, _method: Method, _applied: usize) -> Result<()> {
+        Ok(())
+    }
+
+    async fn checkpoint_finished(&mut self, rows: &[CurveRow]) -> Result<()> {
+        self.rows = rows.to_vec();
+        write_curve(self.out, rows, &self.title)
+    }
 }

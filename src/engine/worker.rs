@@ -2,22 +2,31 @@
 //! lanes served in priority order (interactive > edit > evaluation); admission is a semaphore
 //! per lane, so a full lane answers `Overloaded` (HTTP 429) instead of growing a backlog.
 //! Concurrent generation requests for the same session version are batched into one forward.
+//!
+//! Callers use the typed calls of [`Engine`] (`generate`, `loglikelihood`, `score`, `edit`,
+//! `eval_blocking`, in `calls.rs`); the work items and reply channels behind them stay private
+//! to this module. The thread's loop is in `run.rs`, its Prometheus collectors in `metrics.rs`.
 use std::collections::VecDeque;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use super::editing::{self, EditError, EditRequest, EditStep, EditingEnv, MeasureOptions, Method};
+use super::editing::{EditError, EditRequest, EditStep, EditingEnv, MeasureOptions, Method};
 use super::eval::engine::{EvalAnswers, EvalWork};
-use super::model::generate::{generate_each, GenParams, Generation};
+use super::model::generate::{GenParams, Generation};
 use super::model::loader::ModelInfo;
-use super::model::score::{loglikelihood, score_tokens_top, Loglikelihood, PrefixKv, TokenScores};
+use super::model::score::{Loglikelihood, TokenScores};
 use super::model::{LoadedModel, ModelError, Tok};
-use super::overlay::{Edited, Overlay, PreparedOverlay};
-use crate::metrics::Metrics;
+use super::overlay::Overlay;
+
+mod calls;
+mod metrics;
+mod run;
+
+pub use calls::Admission;
+pub use metrics::{EngineMetrics, LATENCY_SECONDS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lane {
@@ -49,6 +58,10 @@ pub enum EngineError {
     Failed(String),
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// The engine let go of the request without answering it (it stopped with the request
+    /// still queued).
+    #[error("the engine dropped the request")]
+    Dropped,
     #[error(transparent)]
     Edit(#[from] EditError),
 }
@@ -100,7 +113,11 @@ pub enum GenEvent {
     Done(Result<Generation, EngineError>),
 }
 
-pub enum Work {
+/// A generation's events: text as it is decoded, then its end. Dropping the receiver tells the
+/// engine that nobody reads them any more.
+pub type GenEvents = mpsc::UnboundedReceiver<GenEvent>;
+
+enum Work {
     Generate {
         view: ModelView,
         prompt: Vec<u32>,
@@ -131,8 +148,8 @@ pub enum Work {
         opts: MeasureOptions,
         reply: oneshot::Sender<Result<Vec<EditStep>, EngineError>>,
     },
-    /// A chunk of an evaluation's requests (see `eval::engine::EngineBackend`), answered by
-    /// the same code as the in-process backend so that the numbers are the same.
+    /// A chunk of an evaluation's requests, answered by the same code as the in-process
+    /// backend so that the numbers are the same.
     Eval {
         view: ModelView,
         work: EvalWork,
@@ -188,7 +205,7 @@ struct Shared {
     admission: [Arc<Semaphore>; 3],
     limits: EngineLimits,
     shutdown: AtomicBool,
-    metrics: Arc<Metrics>,
+    metrics: EngineMetrics,
 }
 
 /// A cloneable handle to the engine thread.
@@ -200,10 +217,12 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Starts the engine thread; it records into `metrics` (register them where they are
+    /// exported).
     pub fn start(
         model: LoadedModel,
         limits: EngineLimits,
-        metrics: Arc<Metrics>,
+        metrics: EngineMetrics,
         env: EditingEnv,
     ) -> Self {
         metrics.model_load_seconds.set(model.info.load_seconds);
@@ -222,7 +241,7 @@ impl Engine {
         let s = shared.clone();
         std::thread::Builder::new()
             .name("emend-engine".into())
-            .spawn(move || worker(s, model, env))
+            .spawn(move || run::worker(s, model, env))
             .expect("spawn the engine thread");
         Self {
             shared,
@@ -261,7 +280,7 @@ impl Engine {
     }
 
     /// Admits work if its lane has room, else `Overloaded`.
-    pub fn try_submit(&self, lane: Lane, work: Work) -> Result<(), EngineError> {
+    fn try_submit(&self, lane: Lane, work: Work) -> Result<(), EngineError> {
         let sem = self.shared.admission[lane as usize].clone();
         let permit = sem
             .try_acquire_owned()
@@ -274,7 +293,7 @@ impl Engine {
 
     /// Waits up to `patience` for room in the lane (evaluation clients retry badly, so their
     /// lane queues rather than refusing at once).
-    pub async fn submit_waiting(
+    async fn submit_waiting(
         &self,
         lane: Lane,
         work: Work,
@@ -295,7 +314,7 @@ impl Engine {
 
     /// [`Self::submit_waiting`] for a plain thread (evaluation jobs run on their own thread,
     /// not on the async runtime): polls the lane for room up to `patience`.
-    pub fn submit_blocking(
+    fn submit_blocking(
         &self,
         lane: Lane,
         work: Work,
@@ -348,374 +367,5 @@ impl Engine {
     pub fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Relaxed);
         self.shared.wake.notify_all();
-    }
-}
-
-/// Prepared overlays kept per `(session, version)`; derived data, rebuilt on a miss.
-struct OverlayCache {
-    /// Most recently used first; each with the version it was prepared for, so a miss can
-    /// start from its parent's entry.
-    entries: VecDeque<CachedOverlay>,
-    capacity: usize,
-    /// The last shared evaluation context's KV cache (one MMLU subject's few-shot prefix
-    /// spans many evaluation chunks).
-    prefix_kv: PrefixKv,
-}
-
-struct CachedOverlay {
-    key: (String, u64),
-    overlay: Arc<Overlay>,
-    prepared: Arc<PreparedOverlay>,
-}
-
-impl OverlayCache {
-    fn get(
-        &mut self,
-        model: &LoadedModel,
-        view: &ModelView,
-    ) -> Result<Arc<PreparedOverlay>, ModelError> {
-        let Some(key) = view.key() else {
-            return Ok(Arc::new(PreparedOverlay::default()));
-        };
-        if let Some(i) = self.entries.iter().position(|e| e.key == key) {
-            let e = self.entries.remove(i).expect("index in range");
-            let p = e.prepared.clone();
-            self.entries.push_front(e);
-            return Ok(p);
-        }
-        // A session's next version usually follows one that is cached (the edit that made it
-        // ran on it): prepare only the new deltas on top.
-        let parent = view.overlay.parent().and_then(|parent| {
-            self.entries
-                .iter()
-                .find(|e| Arc::ptr_eq(&e.overlay, parent))
-        });
-        let lm = model.model.as_ref();
-        let p = Arc::new(match parent {
-            Some(e) => view.overlay.prepare_on(lm, &e.prepared)?,
-            None => view.overlay.prepare(lm)?,
-        });
-        self.entries.push_front(CachedOverlay {
-            key,
-            overlay: view.overlay.clone(),
-            prepared: p.clone(),
-        });
-        self.entries.truncate(self.capacity);
-        Ok(p)
-    }
-}
-
-fn worker(shared: Arc<Shared>, model: LoadedModel, env: EditingEnv) {
-    let _span = tracing::info_span!("engine").entered();
-    let mut overlays = OverlayCache {
-        entries: VecDeque::new(),
-        capacity: 16,
-        prefix_kv: PrefixKv::default(),
-    };
-    let edit_ctx = editing::EditContext::new(env, &model.info);
-    loop {
-        let batch = {
-            let mut lanes = shared.lanes.lock().expect("engine queue lock");
-            loop {
-                if shared.shutdown.load(Ordering::Relaxed) {
-                    // Dropping queued work closes its reply channels, so a caller blocked on
-                    // an answer (an evaluation thread) gets an error instead of waiting forever.
-                    for l in lanes.iter_mut() {
-                        l.clear();
-                    }
-                    return;
-                }
-                if let Some(b) = next_batch(&mut lanes, shared.limits.max_batch) {
-                    break b;
-                }
-                lanes = shared.wake.wait(lanes).expect("engine queue lock");
-            }
-        };
-        for q in &batch {
-            shared
-                .metrics
-                .queue_wait_seconds
-                .with_label_values(&[q.lane.name()])
-                .observe(q.admitted.elapsed().as_secs_f64());
-        }
-        let lanes: Vec<Lane> = batch.iter().map(|q| q.lane).collect();
-        run_batch(&model, &shared, &mut overlays, &edit_ctx, batch);
-        for l in lanes {
-            shared
-                .metrics
-                .queue_depth
-                .with_label_values(&[l.name()])
-                .dec();
-        }
-    }
-}
-
-/// The next unit of work: the oldest job of the highest non-empty lane, plus (for generation)
-/// the other queued generation jobs against the same model view.
-fn next_batch(lanes: &mut [VecDeque<Queued>; 3], max_batch: usize) -> Option<Vec<Queued>> {
-    for lane in lanes.iter_mut() {
-        let Some(first) = lane.pop_front() else {
-            continue;
-        };
-        let mut batch = vec![first];
-        if let Work::Generate { view, .. } = &batch[0].work {
-            let view = view.clone();
-            let mut i = 0;
-            while i < lane.len() && batch.len() < max_batch {
-                if matches!(&lane[i].work, Work::Generate { view: v, .. } if *v == view) {
-                    batch.push(lane.remove(i).expect("index in range"));
-                } else {
-                    i += 1;
-                }
-            }
-        }
-        return Some(batch);
-    }
-    None
-}
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
-}
-
-fn view_of(work: &Work) -> &ModelView {
-    match work {
-        Work::Generate { view, .. }
-        | Work::Score { view, .. }
-        | Work::Loglikelihood { view, .. }
-        | Work::Edit { view, .. }
-        | Work::Eval { view, .. } => view,
-    }
-}
-
-fn run_batch(
-    model: &LoadedModel,
-    shared: &Shared,
-    overlays: &mut OverlayCache,
-    edit_ctx: &editing::EditContext,
-    batch: Vec<Queued>,
-) {
-    let live: Vec<Queued> = batch.into_iter().filter(|q| !q.work.abandoned()).collect();
-    if live.is_empty() {
-        return;
-    }
-    // A batch shares one view (generation batches are grouped by view; others are single).
-    let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        overlays.get(model, view_of(&live[0].work))
-    }));
-    let prepared = match flatten(prepared) {
-        Ok(p) => p,
-        Err(e) => {
-            let msg = e.to_string();
-            for q in live {
-                fail(q.work, EngineError::Failed(msg.clone()));
-            }
-            return;
-        }
-    };
-    let view_key = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        view_of(&live[0].work).key().hash(&mut h);
-        h.finish()
-    };
-    overlays.prefix_kv.retarget(view_key);
-    let edited = Edited::new(model.model.as_ref(), prepared);
-    run_on(
-        &edited,
-        model,
-        shared,
-        edit_ctx,
-        live,
-        &mut overlays.prefix_kv,
-    );
-}
-
-/// Answers a piece of work with an error.
-fn fail(work: Work, e: EngineError) {
-    match work {
-        Work::Generate { events, .. } => {
-            let _ = events.send(GenEvent::Done(Err(e)));
-        }
-        Work::Score { reply, .. } => {
-            let _ = reply.send(Err(e));
-        }
-        Work::Loglikelihood { reply, .. } => {
-            let _ = reply.send(Err(e));
-        }
-        Work::Edit { reply, .. } => {
-            let _ = reply.send(Err(e));
-        }
-        Work::Eval { reply, .. } => {
-            let _ = reply.send(Err(e));
-        }
-    }
-}
-
-fn run_on(
-    lm: &Edited<'_>,
-    model: &LoadedModel,
-    shared: &Shared,
-    edit_ctx: &editing::EditContext,
-    live: Vec<Queued>,
-    prefix_kv: &mut PrefixKv,
-) {
-    let metrics = &shared.metrics;
-    let tok = &model.tokenizer;
-    if matches!(live[0].work, Work::Generate { .. }) {
-        let mut prompts = Vec::new();
-        let mut params = Vec::new();
-        let mut senders = Vec::new();
-        let mut admitted = Vec::new();
-        for q in live {
-            if let Work::Generate {
-                prompt,
-                params: p,
-                events,
-                ..
-            } = q.work
-            {
-                metrics.prompt_tokens_total.inc_by(prompt.len() as u64);
-                prompts.push(prompt);
-                params.push(p);
-                senders.push(events);
-                admitted.push(q.admitted);
-            }
-        }
-        let _span = tracing::debug_span!("generate", batch = prompts.len()).entered();
-        let mut first = vec![true; senders.len()];
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            generate_each(lm, tok, &prompts, &params, &mut |row, delta| {
-                if std::mem::take(&mut first[row]) {
-                    metrics
-                        .time_to_first_token_seconds
-                        .observe(admitted[row].elapsed().as_secs_f64());
-                }
-                senders[row].send(GenEvent::Text(delta.to_string())).is_ok()
-            })
-        }));
-        match result {
-            Ok(Ok(gens)) => {
-                for (g, s) in gens.into_iter().zip(&senders) {
-                    metrics
-                        .generation_tokens_total
-                        .inc_by(g.token_ids.len() as u64);
-                    let _ = s.send(GenEvent::Done(Ok(g)));
-                }
-            }
-            Ok(Err(e)) => {
-                // One error for the whole batch; errors are not Clone, so rows share its text.
-                let msg = e.to_string();
-                for s in &senders {
-                    let _ = s.send(GenEvent::Done(Err(EngineError::Failed(msg.clone()))));
-                }
-            }
-            Err(p) => {
-                let msg = panic_message(p);
-                tracing::error!(panic = %msg, "engine panicked during generation");
-                for s in &senders {
-                    let _ = s.send(GenEvent::Done(Err(EngineError::Panicked(msg.clone()))));
-                }
-            }
-        }
-        return;
-    }
-    for q in live {
-        match q.work {
-            Work::Score {
-                seqs,
-                from,
-                top_n,
-                reply,
-                ..
-            } => {
-                let n: usize = seqs.iter().map(Vec::len).sum();
-                metrics.prompt_tokens_total.inc_by(n as u64);
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    score_tokens_top(lm, &seqs, &from, top_n, shared.limits.token_budget)
-                }));
-                let _ = reply.send(flatten(r));
-            }
-            Work::Loglikelihood { pairs, reply, .. } => {
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    loglikelihood(lm, tok, &pairs, shared.limits.token_budget)
-                }));
-                let _ = reply.send(flatten(r));
-            }
-            Work::Edit {
-                view,
-                method,
-                requests,
-                hparams,
-                opts,
-                reply,
-            } => {
-                let _span =
-                    tracing::info_span!("edit", method = %method, requests = requests.len())
-                        .entered();
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    editing::apply_prepared(
-                        model,
-                        &view.overlay,
-                        lm.overlay.clone(),
-                        method,
-                        &requests,
-                        &hparams,
-                        opts,
-                        edit_ctx,
-                    )
-                }));
-                let r = match r {
-                    Ok(Ok(steps)) => Ok(steps),
-                    Ok(Err(e)) => Err(EngineError::Edit(e)),
-                    Err(p) => {
-                        let msg = panic_message(p);
-                        tracing::error!(panic = %msg, "engine panicked during an edit");
-                        Err(EngineError::Panicked(msg))
-                    }
-                };
-                let _ = reply.send(r);
-            }
-            Work::Eval { work, reply, .. } => {
-                metrics
-                    .eval_requests_total
-                    .with_label_values(&[work.kind()])
-                    .inc_by(work.len() as u64);
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    work.answer(
-                        model.model.as_ref(),
-                        lm,
-                        tok,
-                        shared.limits.token_budget,
-                        prefix_kv,
-                    )
-                }));
-                let r = match r {
-                    Ok(r) => r,
-                    Err(p) => {
-                        let msg = panic_message(p);
-                        tracing::error!(panic = %msg, "engine panicked during evaluation");
-                        Err(EngineError::Panicked(msg))
-                    }
-                };
-                let _ = reply.send(r);
-            }
-            Work::Generate { .. } => unreachable!("generation is batched above"),
-        }
-    }
-}
-
-fn flatten<T>(r: std::thread::Result<Result<T, ModelError>>) -> Result<T, EngineError> {
-    match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(EngineError::Model(e)),
-        Err(p) => {
-            let msg = panic_message(p);
-            tracing::error!(panic = %msg, "engine panicked");
-            Err(EngineError::Panicked(msg))
-        }
     }
 }

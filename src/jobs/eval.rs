@@ -1,18 +1,23 @@
-//! The body of an evaluation job, on a thread of its own: tasks one after another through the
-//! engine (one [`Evaluator`], so requests shared by tasks are answered once), reporting
-//! progress after every chunk and each task's result as soon as it is scored.
+//! Evaluation jobs. The body runs on a thread of its own ([`run`]): tasks one after another
+//! through the engine (one [`Evaluator`], so requests shared by tasks are answered once),
+//! reporting progress after every chunk and each task's result as soon as it is scored; the
+//! runner ([`Jobs::run_evaluation`]) writes them to the job's row as they come.
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
-use super::EvaluationSpec;
-use crate::engine::eval::{
-    distinct_requests, get_task, prepare_task, EngineBackend, EvalError, Evaluator,
+use super::backend::EngineBackend;
+use super::{
+    json, now, EvaluationSpec, FinishedTask, JobError, JobProgress, JobStatus, Jobs, Record, KIND,
+    PROGRESS_EVERY,
 };
+use crate::engine::eval::{distinct_requests, get_task, prepare_task, EvalError, Evaluator};
 use crate::engine::worker::{Engine, ModelView};
+use crate::store::JobRow;
 
 pub(crate) enum Event {
     /// Distinct requests answered so far, of `total`, over the whole job.
@@ -91,4 +96,146 @@ pub(crate) fn run(r: Run<'_>, tx: &UnboundedSender<Event>) -> Result<(), EvalErr
         let _ = tx.send(Event::Progress { done: base, total });
     }
     Ok(())
+}
+
+impl Jobs {
+    /// Runs (or resumes) the evaluation job of `row`, already marked running.
+    pub(super) async fn run_evaluation(
+        &self,
+        row: &JobRow,
+        mut rec: Record,
+        progress: JobProgress,
+        started_at: &str,
+        flag: &Arc<AtomicBool>,
+    ) -> Result<(), JobError> {
+        let id = row.id.as_str();
+        let span = tracing::info_span!("evaluation", job = %id, attempt = rec.attempts);
+        let spec: EvaluationSpec = match serde_json::from_str(&row.spec) {
+            Ok(s) if row.kind == KIND => s,
+            Ok(_) => {
+                rec.error = Some(format!("unknown job kind `{}`", row.kind));
+                return self
+                    .finish(id, JobStatus::Failed, started_at, progress, rec)
+                    .await;
+            }
+            Err(e) => {
+                rec.error = Some(format!("the stored spec is unreadable: {e}"));
+                return self
+                    .finish(id, JobStatus::Failed, started_at, progress, rec)
+                    .await;
+            }
+        };
+        let view = match self
+            .sessions
+            .view(&row.tenant, &spec.session, Some(spec.version))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                rec.error = Some(format!("the session version is gone: {e}"));
+                return self
+                    .finish(id, JobStatus::Failed, started_at, progress, rec)
+                    .await;
+            }
+        };
+        let Some(dir) = self.cfg.data_dir.clone() else {
+            rec.error = Some(JobError::NoData.to_string());
+            return self
+                .finish(id, JobStatus::Failed, started_at, progress, rec)
+                .await;
+        };
+        span.in_scope(|| {
+            tracing::info!(session = %spec.session, version = spec.version,
+                resumed_tasks = rec.results.len(), "evaluation started")
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let finished: BTreeSet<String> = rec.results.keys().cloned().collect();
+        let engine = self.engine.clone();
+        let patience = self.cfg.patience;
+        let cancel = flag.clone();
+        let thread_span = span.clone();
+        let spawned = std::thread::Builder::new()
+            .name("emend-eval".into())
+            .spawn(move || {
+                let _s = thread_span.entered();
+                let r = run(
+                    Run {
+                        engine,
+                        view,
+                        spec: &spec,
+                        data_dir: &dir,
+                        finished: &finished,
+                        cancel: &cancel,
+                        patience,
+                    },
+                    &tx,
+                );
+                let _ = tx.send(Event::Finished(r));
+            });
+        if let Err(e) = spawned {
+            rec.error = Some(format!("could not start the evaluation thread: {e}"));
+            return self
+                .finish(id, JobStatus::Failed, started_at, progress, rec)
+                .await;
+        }
+        let mut progress = progress;
+        let outcome = self.follow(id, rx, &mut rec, &mut progress, flag).await?;
+        self.conclude(id, outcome, started_at, progress, rec, &span)
+            .await
+    }
+
+    /// Writes the evaluation thread's events to the job's row until the thread ends; its
+    /// outcome, or the store's error (then the thread is stopped and the job stays running in
+    /// the store, to be resumed).
+    async fn follow(
+        &self,
+        id: &str,
+        mut rx: UnboundedReceiver<Event>,
+        rec: &mut Record,
+        progress: &mut JobProgress,
+        flag: &AtomicBool,
+    ) -> Result<Result<(), EvalError>, JobError> {
+        let t0 = Instant::now();
+        let mut done_at_start: Option<u64> = None;
+        let mut last_write: Option<Instant> = None;
+        loop {
+            let write = match rx.recv().await {
+                Some(Event::Progress { done, total }) => {
+                    let d0 = *done_at_start.get_or_insert(done);
+                    progress.done = done;
+                    progress.total = total;
+                    let ran = done.saturating_sub(d0);
+                    progress.eta_seconds = (ran > 0).then(|| {
+                        t0.elapsed().as_secs_f64() / ran as f64 * total.saturating_sub(done) as f64
+                    });
+                    if last_write.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+                        self.store.update_job(id, &json(progress), None).await
+                    } else {
+                        continue;
+                    }
+                }
+                Some(Event::TaskDone { task, result }) => {
+                    rec.results.insert(task.clone(), result);
+                    rec.finished_tasks.push(FinishedTask {
+                        task,
+                        finished_at: now(),
+                        attempt: rec.attempts,
+                    });
+                    self.store
+                        .update_job(id, &json(progress), Some(&json(rec)))
+                        .await
+                }
+                Some(Event::Finished(r)) => return Ok(r),
+                None => {
+                    return Ok(Err(EvalError::Backend(
+                        "the evaluation thread stopped without an answer".into(),
+                    )))
+                }
+            };
+            if let Err(e) = write {
+                flag.store(true, Ordering::Relaxed);
+                return Err(e.into());
+            }
+            last_write = Some(Instant::now());
+        }
+    }
 }

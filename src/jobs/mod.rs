@@ -1,31 +1,41 @@
-//! Jobs: evaluations of a session version, queued in the store and run one at a time (the
-//! model is one), resumable and cancellable, with progress and per-task results as they finish.
+//! Jobs: evaluations of a session version (`eval.rs`) and sweeps (`sweep*.rs`), queued in the
+//! store and run one at a time (the model is one), resumable and cancellable, with progress and
+//! per-task results as they finish. Both reach the engine through its typed calls, evaluation
+//! chunks through [`EngineBackend`].
 //!
 //! A job's row is the truth: the runner moves it queued → running → succeeded | failed |
 //! cancelled with conditional updates, writes each task's result when the task ends, and at
 //! start picks up a job an earlier process left running, skipping the tasks it finished.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use utoipa::ToSchema;
 
-use crate::engine::eval::{distinct_requests, get_task, prepare_task, EvalError, EvalOptions};
+use crate::engine::eval::{EvalError, EvalOptions};
 use crate::engine::worker::Engine;
 use crate::metrics::Metrics;
 use crate::sessions::{SessionError, Sessions};
 use crate::store::{JobRow, Store, StoreError};
 
+mod backend;
 pub mod chart;
+mod checks;
+pub mod curve;
 mod eval;
 pub mod sweep;
+mod sweep_job;
+pub mod sweep_loop;
 
+use checks::{check_fewshot, check_limit, check_tasks, count_requests};
+
+pub use backend::EngineBackend;
 pub use sweep::{CurveRow, NewSweep, Sweep};
 
 /// Most tasks in one evaluation.
@@ -261,6 +271,17 @@ impl Jobs {
         metrics: Arc<Metrics>,
         cfg: JobsConfig,
     ) -> Arc<Self> {
+        // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
+        for kind in [KIND, SWEEP] {
+            for s in JobStatus::ALL {
+                metrics.jobs.with_label_values(&[kind, s.as_str()]);
+            }
+        }
+        for s in JobStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
+            metrics
+                .eval_job_duration_seconds
+                .with_label_values(&[s.as_str()]);
+        }
         Arc::new(Self {
             store,
             sessions,
@@ -562,7 +583,7 @@ impl Jobs {
         if row.kind == SWEEP {
             let span = tracing::info_span!("sweep", job = %id, attempt = rec.attempts);
             let outcome = tracing::Instrument::instrument(
-                sweep::run(self, &row, &mut rec, &mut progress, flag),
+                sweep_job::run(self, &row, &mut rec, &mut progress, flag),
                 span.clone(),
             )
             .await?;
@@ -570,121 +591,7 @@ impl Jobs {
                 .conclude(&id, outcome, &started_at, progress, rec, &span)
                 .await;
         }
-        let span = tracing::info_span!("evaluation", job = %id, attempt = rec.attempts);
-        let spec: EvaluationSpec = match serde_json::from_str(&row.spec) {
-            Ok(s) if row.kind == KIND => s,
-            Ok(_) => {
-                rec.error = Some(format!("unknown job kind `{}`", row.kind));
-                return self
-                    .finish(&id, JobStatus::Failed, &started_at, progress, rec)
-                    .await;
-            }
-            Err(e) => {
-                rec.error = Some(format!("the stored spec is unreadable: {e}"));
-                return self
-                    .finish(&id, JobStatus::Failed, &started_at, progress, rec)
-                    .await;
-            }
-        };
-        let view = match self
-            .sessions
-            .view(&row.tenant, &spec.session, Some(spec.version))
-        {
-            Ok(v) => v,
-            Err(e) => {
-                rec.error = Some(format!("the session version is gone: {e}"));
-                return self
-                    .finish(&id, JobStatus::Failed, &started_at, progress, rec)
-                    .await;
-            }
-        };
-        let Some(dir) = self.cfg.data_dir.clone() else {
-            rec.error = Some(JobError::NoData.to_string());
-            return self
-                .finish(&id, JobStatus::Failed, &started_at, progress, rec)
-                .await;
-        };
-        span.in_scope(|| {
-            tracing::info!(session = %spec.session, version = spec.version,
-                resumed_tasks = rec.results.len(), "evaluation started")
-        });
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let finished: BTreeSet<String> = rec.results.keys().cloned().collect();
-        let engine = self.engine.clone();
-        let patience = self.cfg.patience;
-        let cancel = flag.clone();
-        let spec2 = spec.clone();
-        let thread_span = span.clone();
-        let spawned = std::thread::Builder::new()
-            .name("emend-eval".into())
-            .spawn(move || {
-                let _s = thread_span.entered();
-                let r = eval::run(
-                    eval::Run {
-                        engine,
-                        view,
-                        spec: &spec2,
-                        data_dir: &dir,
-                        finished: &finished,
-                        cancel: &cancel,
-                        patience,
-                    },
-                    &tx,
-                );
-                let _ = tx.send(eval::Event::Finished(r));
-            });
-        if let Err(e) = spawned {
-            rec.error = Some(format!("could not start the evaluation thread: {e}"));
-            return self
-                .finish(&id, JobStatus::Failed, &started_at, progress, rec)
-                .await;
-        }
-        let t0 = Instant::now();
-        let mut done_at_start: Option<u64> = None;
-        let mut last_write: Option<Instant> = None;
-        let outcome = loop {
-            let ev = rx.recv().await;
-            let write = match ev {
-                Some(eval::Event::Progress { done, total }) => {
-                    let d0 = *done_at_start.get_or_insert(done);
-                    progress.done = done;
-                    progress.total = total;
-                    let ran = done.saturating_sub(d0);
-                    progress.eta_seconds = (ran > 0).then(|| {
-                        t0.elapsed().as_secs_f64() / ran as f64 * total.saturating_sub(done) as f64
-                    });
-                    if last_write.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
-                        self.store.update_job(&id, &json(&progress), None).await
-                    } else {
-                        continue;
-                    }
-                }
-                Some(eval::Event::TaskDone { task, result }) => {
-                    rec.results.insert(task.clone(), result);
-                    rec.finished_tasks.push(FinishedTask {
-                        task,
-                        finished_at: now(),
-                        attempt: rec.attempts,
-                    });
-                    self.store
-                        .update_job(&id, &json(&progress), Some(&json(&rec)))
-                        .await
-                }
-                Some(eval::Event::Finished(r)) => break r,
-                None => {
-                    break Err(EvalError::Backend(
-                        "the evaluation thread stopped without an answer".into(),
-                    ))
-                }
-            };
-            if let Err(e) = write {
-                // Stop the thread; the job stays running in the store and is resumed.
-                flag.store(true, Ordering::Relaxed);
-                return Err(e.into());
-            }
-            last_write = Some(Instant::now());
-        };
-        self.conclude(&id, outcome, &started_at, progress, rec, &span)
+        self.run_evaluation(&row, rec, progress, &started_at, flag)
             .await
     }
 
@@ -742,71 +649,4 @@ impl Jobs {
         self.refresh_gauge().await;
         Ok(())
     }
-}
-
-/// Canonical task names, each known and listed once.
-fn check_tasks(names: &[String]) -> Result<Vec<String>, JobError> {
-    if names.is_empty() || names.len() > MAX_TASKS {
-        return Err(invalid(
-            "tasks",
-            format!("must name 1 to {MAX_TASKS} tasks. Given: {}", names.len()),
-        ));
-    }
-    let mut tasks: Vec<String> = Vec::with_capacity(names.len());
-    for (i, name) in names.iter().enumerate() {
-        let t = get_task(name.trim()).map_err(|e| invalid(format!("tasks[{i}]"), e.to_string()))?;
-        if tasks.iter().any(|x| x == t.name()) {
-            return Err(invalid(
-                format!("tasks[{i}]"),
-                format!("repeats `{}`", t.name()),
-            ));
-        }
-        tasks.push(t.name().to_string());
-    }
-    Ok(tasks)
-}
-
-fn check_limit(limit: Option<i64>) -> Result<Option<usize>, JobError> {
-    match limit {
-        Some(l) if !(1..=MAX_LIMIT).contains(&l) => Err(invalid(
-            "limit",
-            format!("must be 1 to {MAX_LIMIT}. Given: {l}"),
-        )),
-        l => Ok(l.map(|l| l as usize)),
-    }
-}
-
-fn check_fewshot(n: Option<i64>) -> Result<Option<usize>, JobError> {
-    match n {
-        Some(n) if !(0..=MAX_FEWSHOT).contains(&n) => Err(invalid(
-            "num_fewshot",
-            format!("must be 0 to {MAX_FEWSHOT}. Given: {n}"),
-        )),
-        n => Ok(n.map(|n| n as usize)),
-    }
-}
-
-/// Builds every task's requests (off the async runtime) and counts the distinct ones: a task
-/// option it refuses or a missing data file is the client's answer, not a failed job later.
-async fn count_requests(
-    tasks: &[String],
-    opts: EvalOptions,
-    dir: PathBuf,
-) -> Result<u64, JobError> {
-    let tasks = tasks.to_vec();
-    tokio::task::spawn_blocking(move || -> Result<u64, JobError> {
-        let mut prepared = Vec::with_capacity(tasks.len());
-        for (i, t) in tasks.iter().enumerate() {
-            prepared.push(prepare_task(t, &opts, &dir).map_err(|e| match e {
-                EvalError::Option(m) => invalid("num_fewshot", m),
-                other => invalid(
-                    format!("tasks[{i}]"),
-                    format!("cannot be evaluated: {other}"),
-                ),
-            })?);
-        }
-        Ok(distinct_requests(&prepared).iter().map(|n| *n as u64).sum())
-    })
-    .await
-    .map_err(|e| invalid("tasks", format!("could not be prepared: {e}")))?
 }

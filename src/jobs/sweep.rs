@@ -1,28 +1,22 @@
-//! Sweeps, the paper's protocol as a job: a fresh session, the first `n_edits` records of an
-//! editing dataset applied one at a time through the engine's edit lane, and at each
-//! checkpoint (a number of edits so far) the benchmark tasks on that version plus the edits'
-//! metrics averaged over the edits so far. Checkpoints are stored as they finish; a resumed
-//! sweep keeps its session and edits and goes on from the last finished checkpoint.
-use std::collections::{BTreeMap, BTreeSet};
+//! Sweeps, the paper's protocol as a job: for each method a fresh session, the first `n_edits`
+//! records of an editing dataset applied one at a time through the engine's edit lane, and at
+//! each checkpoint (a number of edits so far) the benchmark tasks on that version plus the
+//! edits' metrics averaged over the edits so far. This file holds what a sweep is (request,
+//! validated spec, curve row, listing); the loop is `sweep_loop.rs` and the job's side of it
+//! `sweep_job.rs`.
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
 use utoipa::ToSchema;
 
-use super::{
-    check_fewshot, check_limit, check_tasks, count_requests, eval, invalid, json, now,
-    EvaluationSpec, JobError, JobProgress, JobStatus, Jobs, Record, SWEEP,
-};
+use super::checks::{check_fewshot, check_limit, check_tasks, count_requests};
+use super::{invalid, json, EvaluationSpec, JobError, JobProgress, JobStatus, Jobs, Record, SWEEP};
 use crate::engine::editing::datasets::{self, EditDataset};
-use crate::engine::editing::{self, MeasureOptions, Method};
-use crate::engine::eval::{EngineBackend, EvalError};
+use crate::engine::editing::{self, Method};
 use crate::engine::model::ModelSpec;
-use crate::engine::worker::{EngineError, Lane, ModelView, Work};
 use crate::store::JobRow;
 
 /// Most edits in one sweep.
@@ -175,7 +169,7 @@ impl Sweep {
 
 impl Record {
     /// The session a method runs on, once created (sweeps before `methods` kept one).
-    fn session_of(&self, method: &str, first: &str) -> Option<String> {
+    pub(super) fn session_of(&self, method: &str, first: &str) -> Option<String> {
         self.sessions
             .get(method)
             .cloned()
@@ -445,7 +439,7 @@ pub fn check_hparams(
 }
 
 /// The evaluation a checkpoint runs.
-fn eval_spec(s: &SweepSpec, session: &str, version: u64) -> EvaluationSpec {
+pub(super) fn eval_spec(s: &SweepSpec, session: &str, version: u64) -> EvaluationSpec {
     EvaluationSpec {
         session: session.to_string(),
         version,
@@ -457,7 +451,7 @@ fn eval_spec(s: &SweepSpec, session: &str, version: u64) -> EvaluationSpec {
 }
 
 /// The first `n` records' edit requests (off the async runtime: the files are megabytes).
-async fn load_records(
+pub(super) async fn load_records(
     ds: EditDataset,
     dir: PathBuf,
     n: usize,
@@ -471,490 +465,9 @@ async fn load_records(
     .map_err(|e| e.to_string())?
 }
 
-fn backend(e: impl std::fmt::Display) -> EvalError {
-    EvalError::Backend(e.to_string())
-}
-
-/// Progress and ETA over the steps this run does (a resumed run's earlier steps don't count
-/// toward the rate).
-struct Clock {
-    t0: Instant,
-    done0: u64,
-}
-
-impl Clock {
-    fn report(&self, progress: &mut JobProgress, done: u64) {
-        progress.done = done;
-        let ran = done.saturating_sub(self.done0);
-        progress.eta_seconds = (ran > 0).then(|| {
-            self.t0.elapsed().as_secs_f64() / ran as f64
-                * progress.total.saturating_sub(done) as f64
-        });
-    }
-}
-
-/// Returns early from `run` with the sweep's outcome (not a store error).
-macro_rules! outcome {
-    ($e:expr) => {
-        match $e {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(e)),
-        }
-    };
-}
-
-/// Runs (or resumes) a sweep: each method in turn on its own session. The outer error is the
-/// store's (the job stays running and is retried); the inner result is the sweep's outcome.
-pub(super) async fn run(
-    jobs: &Jobs,
-    row: &JobRow,
-    rec: &mut Record,
-    progress: &mut JobProgress,
-    flag: &Arc<AtomicBool>,
-) -> Result<Result<(), EvalError>, JobError> {
-    let spec: SweepSpec = outcome!(serde_json::from_str(&row.spec)
-        .map_err(|e| backend(format!("the stored spec is unreadable: {e}"))));
-    let mut methods = Vec::new();
-    for name in spec.methods() {
-        let m: Method = outcome!(name
-            .parse()
-            .map_err(|_| backend(format!("unknown method `{name}`"))));
-        methods.push(m);
-    }
-    let dir = outcome!(jobs
-        .cfg
-        .data_dir
-        .clone()
-        .ok_or_else(|| backend(JobError::NoData)));
-    let tenant = row.tenant.as_str();
-    let records = outcome!(load_records(spec.dataset, dir.clone(), spec.n_edits)
-        .await
-        .map_err(backend));
-    progress.total = spec.total_steps();
-    let mut done = rec.curve.len() as u64;
-    for m in &methods {
-        if let Some(sid) = rec.session_of(m.name(), &spec.method) {
-            let s = outcome!(jobs
-                .sessions
-                .get(tenant, &sid)
-                .map_err(|e| backend(format!("the sweep's session: {e}"))));
-            done += s.edit_count;
-        }
-    }
-    let clock = Clock {
-        t0: Instant::now(),
-        done0: done,
-    };
-    for &method in &methods {
-        let name = method.name();
-        let sid = match rec.session_of(name, &spec.method) {
-            Some(s) => s,
-            None => {
-                let s = outcome!(jobs
-                    .sessions
-                    .create(tenant, Some(format!("sweep {} {name}", row.id)), None)
-                    .await
-                    .map_err(backend));
-                rec.sessions.insert(name.to_string(), s.id.clone());
-                jobs.store
-                    .update_job(&row.id, &json(progress), Some(&json(rec)))
-                    .await?;
-                s.id
-            }
-        };
-        let mut applied = outcome!(jobs
-            .sessions
-            .get(tenant, &sid)
-            .map(|s| s.edit_count as usize)
-            .map_err(|e| backend(format!("the sweep's session: {e}"))));
-        tracing::info!(method = name, session = %sid, applied, finished = rec.curve.len(),
-            "sweep method started");
-        let hparams = spec.hparams_for(name);
-        for &c in &spec.checkpoints {
-            let has = |r: &CurveRow| {
-                r.n_edits == c && (r.method == name || (r.method.is_empty() && name == spec.method))
-            };
-            if rec.curve.iter().any(has) {
-                continue;
-            }
-            while applied < c {
-                if flag.load(Ordering::Relaxed) {
-                    return Ok(Err(EvalError::Cancelled));
-                }
-                let req = records[applied].clone();
-                outcome!(apply_one(jobs, tenant, &sid, method, req, hparams.clone())
-                    .await
-                    .map_err(|e| backend(format!("{name} edit {}: {e}", applied + 1))));
-                applied += 1;
-                done += 1;
-                clock.report(progress, done);
-                jobs.store
-                    .update_job(&row.id, &json(progress), None)
-                    .await?;
-            }
-            if flag.load(Ordering::Relaxed) {
-                return Ok(Err(EvalError::Cancelled));
-            }
-            // Every method's 0-edit checkpoint is the base model: evaluated once.
-            let base = (c == 0)
-                .then(|| rec.curve.iter().find(|r| r.n_edits == 0).cloned())
-                .flatten();
-            let point = match base {
-                Some(b) => CurveRow {
-                    method: name.to_string(),
-                    finished_at: now(),
-                    ..b
-                },
-                None => outcome!(
-                    checkpoint(jobs, tenant, &sid, &spec, &records[..c], &dir, flag)
-                        .await
-                        .map(|r| CurveRow {
-                            method: name.to_string(),
-                            ..r
-                        })
-                ),
-            };
-            tracing::info!(
-                method = name,
-                n_edits = c,
-                version = point.version,
-                "checkpoint finished"
-            );
-            rec.curve.push(point);
-            done += 1;
-            clock.report(progress, done);
-            jobs.store
-                .update_job(&row.id, &json(progress), Some(&json(rec)))
-                .await?;
-        }
-    }
-    Ok(Ok(()))
-}
-
-/// One record applied through the engine's edit lane as the session's next version.
-async fn apply_one(
-    jobs: &Jobs,
-    tenant: &str,
-    sid: &str,
-    method: Method,
-    req: editing::EditRequest,
-    hparams: Value,
-) -> Result<(), String> {
-    let engine = jobs.engine.clone();
-    let patience = jobs.cfg.patience;
-    jobs.sessions
-        .apply_edit(
-            tenant,
-            sid,
-            method,
-            vec![req.clone()],
-            move |view| async move {
-                let (tx, rx) = oneshot::channel();
-                engine
-                    .submit_waiting(
-                        Lane::Edit,
-                        Work::Edit {
-                            view,
-                            method,
-                            requests: vec![req],
-                            hparams,
-                            opts: MeasureOptions::default(),
-                            reply: tx,
-                        },
-                        patience,
-                    )
-                    .await?;
-                rx.await
-                    .map_err(|_| EngineError::Failed("the engine dropped the edit".into()))?
-            },
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-/// The session's current version evaluated: the edits so far re-measured, their at-apply
-/// metrics averaged, and the tasks run.
-async fn checkpoint(
-    jobs: &Jobs,
-    tenant: &str,
-    sid: &str,
-    spec: &SweepSpec,
-    edits: &[editing::EditRequest],
-    dir: &std::path::Path,
-    flag: &Arc<AtomicBool>,
-) -> Result<CurveRow, EvalError> {
-    let view = jobs
-        .sessions
-        .view(tenant, sid, None)
-        .map_err(|e| backend(format!("the sweep's session: {e}")))?;
-    let version = view.version;
-    let edit_at_apply = edit_means(jobs, tenant, sid, version).map_err(backend)?;
-    let edit = retention(jobs, view.clone(), edits.to_vec()).await?;
-    if flag.load(Ordering::Relaxed) {
-        return Err(EvalError::Cancelled);
-    }
-    let results = evaluate_at(
-        jobs,
-        view,
-        &eval_spec(spec, sid, version),
-        dir.to_path_buf(),
-        flag,
-    )
-    .await?;
-    Ok(CurveRow {
-        method: String::new(),
-        n_edits: edits.len(),
-        version,
-        edit,
-        edit_at_apply,
-        tasks: results
-            .into_iter()
-            .map(|(t, v)| (t, headline_metrics(&v)))
-            .collect(),
-        finished_at: now(),
-    })
-}
-
-/// Numeric metrics of a task result, standard errors left out.
-pub fn headline_metrics(v: &Value) -> BTreeMap<String, f64> {
-    v.as_object()
-        .map(|o| {
-            o.iter()
-                .filter(|(k, _)| !k.ends_with("_stderr"))
-                .filter_map(|(k, x)| x.as_f64().map(|f| (k.clone(), f)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Means of the post-edit metrics of versions 1..=version (a sweep's session is linear: one
-/// version per edit).
-fn edit_means(
-    jobs: &Jobs,
-    tenant: &str,
-    sid: &str,
-    version: u64,
-) -> Result<BTreeMap<String, f64>, String> {
-    let mut reports = Vec::new();
-    for v in 1..=version {
-        if let Some(summary) = jobs
-            .sessions
-            .version_summary(tenant, sid, v)
-            .map_err(|e| e.to_string())?
-        {
-            reports.extend(summary.metrics.as_array().into_iter().flatten().cloned());
-        }
-    }
-    Ok(mean_post_metrics(&reports))
-}
-
-/// The requests' metrics re-measured on `view` (on a thread of its own: the engine backend
-/// blocks), averaged.
-async fn retention(
-    jobs: &Jobs,
-    view: ModelView,
-    requests: Vec<editing::EditRequest>,
-) -> Result<BTreeMap<String, f64>, EvalError> {
-    if requests.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    let b = EngineBackend::new(jobs.engine.clone(), view, jobs.cfg.patience);
-    let metrics = tokio::task::spawn_blocking(move || b.remeasure(&requests))
-        .await
-        .map_err(backend)??;
-    Ok(mean_metrics(
-        &metrics
-            .iter()
-            .map(|m| serde_json::to_value(m).unwrap_or_default())
-            .collect::<Vec<_>>(),
-    ))
-}
-
-/// Means of the numeric `post` metrics of edit reports (as JSON), each over the reports that
-/// have it.
-pub fn mean_post_metrics(reports: &[Value]) -> BTreeMap<String, f64> {
-    let posts: Vec<Value> = reports.iter().map(|r| r["post"].clone()).collect();
-    mean_metrics(&posts)
-}
-
-/// Means of the numeric fields of metric objects (as JSON), each over the objects that have it.
-pub fn mean_metrics(metrics: &[Value]) -> BTreeMap<String, f64> {
-    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-    for m in metrics {
-        for (k, x) in m.as_object().into_iter().flatten() {
-            if let Some(f) = x.as_f64() {
-                let e = sums.entry(k.clone()).or_default();
-                e.0 += f;
-                e.1 += 1;
-            }
-        }
-    }
-    sums.into_iter()
-        .map(|(k, (s, n))| (k, s / n as f64))
-        .collect()
-}
-
-/// The tasks on one view, on a thread of their own; each task's result as JSON.
-async fn evaluate_at(
-    jobs: &Jobs,
-    view: ModelView,
-    spec: &EvaluationSpec,
-    dir: PathBuf,
-    flag: &Arc<AtomicBool>,
-) -> Result<BTreeMap<String, Value>, EvalError> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let engine = jobs.engine.clone();
-    let patience = jobs.cfg.patience;
-    let cancel = flag.clone();
-    let spec = spec.clone();
-    let span = tracing::Span::current();
-    std::thread::Builder::new()
-        .name("emend-sweep-eval".into())
-        .spawn(move || {
-            let _s = span.entered();
-            let finished = BTreeSet::new();
-            let r = eval::run(
-                eval::Run {
-                    engine,
-                    view,
-                    spec: &spec,
-                    data_dir: &dir,
-                    finished: &finished,
-                    cancel: &cancel,
-                    patience,
-                },
-                &tx,
-            );
-            let _ = tx.send(eval::Event::Finished(r));
-        })
-        .map_err(|e| backend(format!("could not start the evaluation thread: {e}")))?;
-    let mut results = BTreeMap::new();
-    loop {
-        match rx.recv().await {
-            Some(eval::Event::TaskDone { task, result }) => {
-                results.insert(task, result);
-            }
-            Some(eval::Event::Progress { .. }) => {}
-            Some(eval::Event::Finished(r)) => return r.map(|()| results),
-            None => return Err(backend("the evaluation thread stopped without an answer")),
-        }
-    }
-}
-
-/// Column names of a curve: `method`, `n_edits`, `version`, `edit.<metric>`,
-/// `edit_at_apply.<metric>`, `<task>.<metric>`.
-pub fn curve_columns(rows: &[CurveRow]) -> Vec<String> {
-    let mut edit = BTreeSet::new();
-    let mut at_apply = BTreeSet::new();
-    let mut tasks = BTreeSet::new();
-    for r in rows {
-        edit.extend(r.edit.keys().map(|k| format!("edit.{k}")));
-        at_apply.extend(r.edit_at_apply.keys().map(|k| format!("edit_at_apply.{k}")));
-        for (t, m) in &r.tasks {
-            tasks.extend(m.keys().map(|k| format!("{t}.{k}")));
-        }
-    }
-    let mut cols: Vec<String> = ["method", "n_edits", "version"].map(String::from).into();
-    cols.extend(edit);
-    cols.extend(at_apply);
-    cols.extend(tasks);
-    cols
-}
-
-/// A numeric cell (every column but `method`).
-fn cell(r: &CurveRow, col: &str) -> Option<f64> {
-    match col {
-        "n_edits" => Some(r.n_edits as f64),
-        "version" => Some(r.version as f64),
-        _ => match col.strip_prefix("edit.") {
-            Some(k) => r.edit.get(k).copied(),
-            None if col.starts_with("edit_at_apply.") => {
-                r.edit_at_apply.get(&col["edit_at_apply.".len()..]).copied()
-            }
-            None => {
-                let (t, m) = col.split_once('.')?;
-                r.tasks.get(t)?.get(m).copied()
-            }
-        },
-    }
-}
-
-/// The curve as CSV, one row per method and checkpoint (empty cells for missing values).
-pub fn curve_csv(rows: &[CurveRow]) -> String {
-    let cols = curve_columns(rows);
-    let mut out = cols.join(",");
-    out.push('\n');
-    for r in rows {
-        // Method names are plain identifiers (`rome`, `ft-m`): nothing to quote.
-        let mut line = vec![r.method.clone()];
-        line.extend(
-            cols[1..]
-                .iter()
-                .map(|c| cell(r, c).map(|v| v.to_string()).unwrap_or_default()),
-        );
-        out.push_str(&line.join(","));
-        out.push('\n');
-    }
-    out
-}
-
-/// The curve as JSON: the columns and one array of values (or null) per method and checkpoint.
-pub fn curve_json(rows: &[CurveRow]) -> Value {
-    let cols = curve_columns(rows);
-    let data: Vec<Vec<Value>> = rows
-        .iter()
-        .map(|r| {
-            std::iter::once(Value::from(r.method.clone()))
-                .chain(cols[1..].iter().map(|c| cell(r, c).into()))
-                .collect()
-        })
-        .collect();
-    serde_json::json!({"columns": cols, "rows": data})
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn row(method: &str, n: usize, rel: f64, acc: f64, ppl: f64) -> CurveRow {
-        CurveRow {
-            method: method.into(),
-            n_edits: n,
-            version: n as u64,
-            edit: if n == 0 {
-                BTreeMap::new()
-            } else {
-                [("reliability".to_string(), rel)].into()
-            },
-            edit_at_apply: BTreeMap::new(),
-            tasks: [(
-                "arc_easy".to_string(),
-                [("acc".to_string(), acc), ("perplexity".to_string(), ppl)].into(),
-            )]
-            .into(),
-            finished_at: "t".into(),
-        }
-    }
-
-    #[test]
-    fn curves_render_as_csv_and_json() {
-        let rows = [
-            row("rome", 0, 0.0, 0.5, 30.0),
-            row("rome", 2, 0.75, 0.25, 31.5),
-            row("ft-m", 2, 1.0, 0.5, 30.5),
-        ];
-        assert_eq!(
-            curve_csv(&rows),
-            "method,n_edits,version,edit.reliability,arc_easy.acc,arc_easy.perplexity\n\
-             rome,0,0,,0.5,30\nrome,2,2,0.75,0.25,31.5\nft-m,2,2,1,0.5,30.5\n"
-        );
-        let j = curve_json(&rows);
-        assert_eq!(j["columns"][0], "method");
-        assert_eq!(j["rows"][2][0], "ft-m");
-        assert_eq!(j["rows"][0][3], Value::Null);
-        assert_eq!(j["rows"][1][4], 0.25);
-    }
 
     fn spec(methods: &[&str], hparams: Value) -> SweepSpec {
         SweepSpec {

@@ -10,7 +10,7 @@ pub mod request;
 pub mod runner;
 pub mod tasks;
 
-pub use engine::EngineBackend;
+pub use engine::{AnswerError, EvalAnswers, EvalWork};
 pub use error::{EvalError, Result};
 pub use request::{GenRequest, LmBackend, ModelBackend, Request, Response};
 pub use runner::{

@@ -175,6 +175,14 @@ async fn bad_edits_answer_422_naming_the_field_and_leave_the_version() {
             "hparams.bogus",
         ),
         (
+            json!({"method": "memit", "edits": [eiffel()], "hparams": {"v_steps": 0}}),
+            "hparams.v_steps",
+        ),
+        (
+            json!({"method": "ft-l", "edits": [eiffel()], "hparams": {"norm_constraint": 11.0}}),
+            "hparams.norm_constraint",
+        ),
+        (
             ft_m(vec![json!({"dataset": "counterfact", "id": 987_654_321})]),
             "edits[0].id",
         ),
@@ -385,6 +393,20 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
         );
         assert_eq!(m["hparams_schema"]["type"], "object", "{m}");
     }
+    // ROME on the default model: what it needs acquired, and a range from its type's schema.
+    let rome = &v["methods"][0];
+    assert_eq!(
+        rome["resources"],
+        json!([
+            {"kind": "context_templates", "count": 5, "tokens": 10},
+            {"kind": "key_stats", "layers": [4], "samples": 1000},
+        ])
+    );
+    assert_eq!(
+        rome["hparams_schema"]["properties"]["v_steps"]["maximum"],
+        200
+    );
+    assert_eq!(v["methods"][2]["resources"], json!([]), "FT needs nothing");
     let id = new_session_at(server(), json!({})).await;
     edit_at(server(), &id, eiffel()).await;
     let text = Client::new()

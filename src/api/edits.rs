@@ -32,16 +32,24 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource("/v1/methods", "GET").route(web::get().to(methods)));
 }
 
-/// The editing methods (`GET /v1/methods` lists them with their hyper-parameters).
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "kebab-case")]
-#[allow(dead_code)] // documents the `method` strings parsed by `Method::from_str`
-pub enum MethodName {
-    Rome,
-    Memit,
-    FtL,
-    FtM,
+/// The name of a registered editing method: the schema's values come from the registry, so
+/// the spec lists exactly the methods `Method::from_str` accepts.
+pub struct MethodName;
+
+impl utoipa::PartialSchema for MethodName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some(
+                "An editing method (`GET /v1/methods` lists them with their hyper-parameters).",
+            ))
+            .enum_values(Some(Method::all().into_iter().map(|m| m.name())))
+            .into()
+    }
 }
+
+impl ToSchema for MethodName {}
 
 /// A record of an editing dataset, by id (CounterFact `case_id`, zsRE index).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -172,6 +180,11 @@ pub struct MethodDto {
     /// Defaults for the loaded model.
     #[schema(value_type = Object)]
     pub defaults: Value,
+    /// What the defaults need acquired before an edit, e.g.
+    /// `{"kind": "key_stats", "layers": [4], "samples": 1000}` or
+    /// `{"kind": "context_templates", "count": 5, "tokens": 10}`.
+    #[schema(value_type = Vec<Object>)]
+    pub resources: Vec<Value>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -556,6 +569,11 @@ async fn methods(state: web::Data<AppState>, _tenant: Tenant) -> web::Json<Metho
                 batched: m.batched,
                 hparams_schema: m.hparams_schema,
                 defaults: m.defaults,
+                resources: m
+                    .resources
+                    .iter()
+                    .map(|r| serde_json::to_value(r).unwrap_or_default())
+                    .collect(),
             })
             .collect(),
     })

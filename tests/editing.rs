@@ -251,3 +251,118 @@ fn bad_requests_and_hyper_parameters_name_the_field() {
     .to_string();
     assert!(e.starts_with("hparams.layer:"), "{e}");
 }
+
+fn alphaedit() -> Method {
+    "alphaedit".parse().unwrap()
+}
+
+fn alphaedit_hparams() -> Value {
+    json!({"mom2_samples": STATS})
+}
+
+#[test]
+fn alphaedit_moves_the_eiffel_tower_and_keeps_its_neighbours() {
+    let m = default_model();
+    let base_model = m.model.as_ref();
+    let before: Vec<String> = UNRELATED.iter().map(|p| greedy(base_model, p, 4)).collect();
+    let base = Overlay::base();
+    let steps = apply(&base, alphaedit(), &[eiffel()], alphaedit_hparams());
+    let r = &steps[0].reports[0];
+    assert_eq!(r.post.reliability, 1.0, "{:?}", r.post);
+    assert_eq!(r.post.locality, Some(1.0), "{:?}", r.post);
+    let edited = view(m, &chain(&base, &steps));
+    let out = greedy(&edited, "The Eiffel Tower is located in the city of", 3);
+    assert!(out.starts_with(" Rome"), "{out:?}");
+    for (p, b) in UNRELATED.iter().zip(&before) {
+        assert_eq!(&greedy(&edited, p, 4), b, "{p}");
+    }
+    // The version records the keys it wrote, one column per request, at every layer.
+    let keys = chain(&base, &steps);
+    for layer in [3, 4, 5, 6, 7] {
+        let k = keys.state(&format!("alphaedit.keys.{layer}"));
+        assert_eq!(k.len(), 1);
+        assert_eq!(k[0].dims(), [1536, 1]);
+    }
+
+    // A batch of CounterFact records.
+    let all = datasets::load(EditDataset::Counterfact, &shared_dir().join("data")).unwrap();
+    let reqs: Vec<EditRequest> = all.into_iter().take(4).map(|r| r.request).collect();
+    let steps = apply(&base, alphaedit(), &reqs, alphaedit_hparams());
+    let n = reqs.len() as f64;
+    let rel = steps[0]
+        .reports
+        .iter()
+        .map(|r| r.post.reliability)
+        .sum::<f64>()
+        / n;
+    let loc = steps[0]
+        .reports
+        .iter()
+        .map(|r| r.post.locality.unwrap())
+        .sum::<f64>()
+        / n;
+    assert!(rel >= 0.9, "reliability {rel}");
+    assert!(loc >= 0.9, "locality {loc}");
+    assert!(steps[0].deltas.iter().all(|d| d.rank() == Some(4)));
+}
+
+/// Edits 1, 2, 3; back to 1; edit 4: the same model as a fresh session that made edit 1 then
+/// edit 4, because the keys AlphaEdit solves against are the version's state.
+#[test]
+fn alphaedit_state_rolls_back_with_its_version() {
+    let m = default_model();
+    let all = datasets::load(EditDataset::Counterfact, &shared_dir().join("data")).unwrap();
+    let r: Vec<EditRequest> = all
+        .into_iter()
+        .skip(10)
+        .take(4)
+        .map(|r| r.request)
+        .collect();
+    let one = |from: &Arc<Overlay>, req: &EditRequest| {
+        let steps = apply(
+            from,
+            alphaedit(),
+            std::slice::from_ref(req),
+            alphaedit_hparams(),
+        );
+        let earlier = steps[0].diagnostics["per_layer"][0]["earlier_keys"].clone();
+        (chain(from, &steps), earlier)
+    };
+    let base = Overlay::base();
+    let (v1, _) = one(&base, &r[0]);
+    let (v2, _) = one(&v1, &r[1]);
+    let (_v3, earlier) = one(&v2, &r[2]);
+    assert_eq!(
+        earlier, 2,
+        "edit 3 solves against the keys of edits 1 and 2"
+    );
+    let (v4, earlier) = one(&v1, &r[3]);
+    assert_eq!(earlier, 1, "after the rollback only edit 1's keys remain");
+    let (f1, _) = one(&base, &r[0]);
+    let (f4, _) = one(&f1, &r[3]);
+    let probe = m.tokenizer.encode(&r[3].filled().0).unwrap();
+    assert_eq!(
+        all_logits(&view(m, &v4), &probe),
+        all_logits(&view(m, &f4), &probe)
+    );
+}
+
+/// The two options against sequential collapse: ENCORE's most-probable early stopping ends the
+/// value optimisation as soon as the target is the argmax everywhere, and NAS's norm anchoring
+/// writes a value with the norm of the one it replaces; on this edit the prompt still answers
+/// the new target with both on.
+#[test]
+fn value_options_stop_at_the_argmax_and_anchor_the_norm() {
+    let base = Overlay::base();
+    let h = json!({"mom2_samples": STATS, "early_stop_argmax": true, "norm_anchored": true});
+    let steps = apply(&base, rome(), &[eiffel()], h);
+    let v = &steps[0].diagnostics["v_star"];
+    assert_eq!(v["stopped"], "argmax", "{v}");
+    assert_eq!(steps[0].reports[0].post.reliability, 1.0);
+    let (written, init) = (
+        v["written_norm"].as_f64().unwrap(),
+        v["v_init_norm"].as_f64().unwrap(),
+    );
+    assert!((written / init - 1.0).abs() < 1e-4, "{written} vs {init}");
+    assert!(v["v_star_norm"].as_f64().unwrap() > init, "{v}");
+}

@@ -179,6 +179,14 @@ async fn bad_edits_answer_422_naming_the_field_and_leave_the_version() {
             "hparams.v_steps",
         ),
         (
+            json!({"method": "alphaedit", "edits": [eiffel()], "hparams": {"nullspace_threshold": -1.0}}),
+            "hparams.nullspace_threshold",
+        ),
+        (
+            json!({"method": "alphaedit", "edits": [eiffel()], "hparams": {"layers": [3, 30]}}),
+            "hparams.layers[1]",
+        ),
+        (
             json!({"method": "ft-l", "edits": [eiffel()], "hparams": {"norm_constraint": 11.0}}),
             "hparams.norm_constraint",
         ),
@@ -385,7 +393,7 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["rome", "memit", "ft-l", "ft-m"]);
+    assert_eq!(names, ["rome", "memit", "alphaedit", "ft-l", "ft-m"]);
     for m in v["methods"].as_array().unwrap() {
         assert!(
             m["defaults"].as_object().is_some_and(|d| !d.is_empty()),
@@ -406,7 +414,11 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
         rome["hparams_schema"]["properties"]["v_steps"]["maximum"],
         200
     );
-    assert_eq!(v["methods"][2]["resources"], json!([]), "FT needs nothing");
+    assert_eq!(v["methods"][3]["resources"], json!([]), "FT needs nothing");
+    assert_eq!(
+        v["methods"][2]["resources"][1],
+        json!({"kind": "null_space", "layers": [3, 4, 5, 6, 7], "samples": 1000, "threshold": 0.02})
+    );
     let id = new_session_at(server(), json!({})).await;
     edit_at(server(), &id, eiffel()).await;
     let text = Client::new()

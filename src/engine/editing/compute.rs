@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::method::{EditInput, Resource, Resources};
 use super::metrics::measure;
+use super::nullspace::NullSpaceCache;
 use super::primitives::context_templates;
 use super::stats::StatsCache;
 use super::{
@@ -22,6 +23,7 @@ use crate::engine::overlay::{Edited, Overlay, PreparedOverlay};
 /// and context templates), computed on the base model once.
 pub struct EditContext {
     pub stats: StatsCache,
+    null_spaces: NullSpaceCache,
     pub model_sha256: String,
     templates: Mutex<TemplateCache>,
 }
@@ -33,6 +35,7 @@ impl EditContext {
     pub fn new(env: EditingEnv, info: &ModelInfo) -> Self {
         Self {
             stats: StatsCache::new(env.stats_dir, env.data_dir),
+            null_spaces: NullSpaceCache::default(),
             model_sha256: info.sha256.clone(),
             templates: Mutex::new(HashMap::new()),
         }
@@ -90,6 +93,20 @@ impl EditContext {
                         .get(base, tok, &self.model_sha256, layers, *samples)?;
                     out.stats
                         .extend(layers.iter().copied().zip(st).collect::<BTreeMap<_, _>>());
+                }
+                Resource::NullSpace {
+                    layers,
+                    samples,
+                    threshold,
+                } => {
+                    let st = self
+                        .stats
+                        .get(base, tok, &self.model_sha256, layers, *samples)?;
+                    for (&l, s) in layers.iter().zip(st) {
+                        let file = self.stats.file(&self.model_sha256, l, *samples);
+                        out.null_spaces
+                            .insert(l, self.null_spaces.get(&s, &file, *threshold)?);
+                    }
                 }
             }
         }

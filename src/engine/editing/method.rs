@@ -9,14 +9,21 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::nullspace::NullSpace;
 use super::stats::LayerStats;
-use super::{ft, hparams, memit, rome, EditError, EditRequest};
+use super::{alphaedit, ft, hparams, memit, rome, EditError, EditRequest};
 use crate::engine::model::{ModelSpec, Tok};
 use crate::engine::overlay::{Delta, Edited, Overlay, StateEntry};
 
 /// Every method emend implements, in the order listings show them. Adding a method is one
 /// file, one line here and its defaults in `defaults/hparams.toml`.
-static REGISTRY: &[&dyn EditMethod] = &[&rome::Rome, &memit::Memit, &ft::FtL, &ft::FtM];
+static REGISTRY: &[&dyn EditMethod] = &[
+    &rome::Rome,
+    &memit::Memit,
+    &alphaedit::AlphaEdit,
+    &ft::FtL,
+    &ft::FtM,
+];
 
 /// Something a method needs that is computed once and shared across edits; the engine acquires
 /// and caches it (see [`super::EditContext::acquire`]).
@@ -29,6 +36,13 @@ pub enum Resource {
     /// `count` short base-model generations of `tokens` tokens the edit prompt is averaged
     /// over.
     ContextTemplates { count: usize, tokens: usize },
+    /// The null space of the key covariance at `layers` (eigenvalues below `threshold`), from
+    /// the statistics of `samples` sequences.
+    NullSpace {
+        layers: Vec<usize>,
+        samples: usize,
+        threshold: f64,
+    },
 }
 
 /// The acquired resources of one edit.
@@ -36,6 +50,7 @@ pub enum Resource {
 pub struct Resources {
     pub(super) stats: BTreeMap<usize, Arc<LayerStats>>,
     pub(super) templates: Option<Arc<Vec<String>>>,
+    pub(super) null_spaces: BTreeMap<usize, Arc<NullSpace>>,
 }
 
 impl Resources {
@@ -43,6 +58,13 @@ impl Resources {
     pub fn stats(&self, layer: usize) -> Result<&Arc<LayerStats>, EditError> {
         self.stats.get(&layer).ok_or_else(|| {
             EditError::Stats(format!("no key statistics were acquired for layer {layer}"))
+        })
+    }
+
+    /// The null space of `layer` (declared as [`Resource::NullSpace`]).
+    pub fn null_space(&self, layer: usize) -> Result<&Arc<NullSpace>, EditError> {
+        self.null_spaces.get(&layer).ok_or_else(|| {
+            EditError::Stats(format!("no null space was acquired for layer {layer}"))
         })
     }
 

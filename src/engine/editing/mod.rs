@@ -22,9 +22,11 @@ pub mod metrics;
 pub mod primitives;
 pub mod stats;
 
+mod alphaedit;
 mod compute;
 mod ft;
 mod memit;
+mod nullspace;
 mod rome;
 
 pub use compute::{apply, apply_prepared, remeasure, EditContext, MeasureOptions};

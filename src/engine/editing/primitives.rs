@@ -165,6 +165,46 @@ pub(crate) fn mean_key(
     Ok(keys.mean(0)?)
 }
 
+/// Mean keys at each of `layers` over the request's prompt in every context template, read in
+/// one forward: one `(ff,)` tensor per layer, in `layers`' order.
+pub(crate) fn mean_keys(
+    model: &dyn CausalLm,
+    tok: &Tok,
+    req: &EditRequest,
+    templates: &[String],
+    layers: &[usize],
+) -> Result<Vec<Tensor>, EditError> {
+    let located: Vec<Located> = templates
+        .iter()
+        .map(|c| locate(tok, c, req))
+        .collect::<Result<_, _>>()?;
+    let rows: Vec<Vec<u32>> = located.iter().map(|l| l.ids.clone()).collect();
+    let at: Vec<(usize, usize)> = located
+        .iter()
+        .enumerate()
+        .map(|(r, l)| (r, l.subject_last))
+        .collect();
+    let (input, t) = pad(model, tok, &rows)?;
+    let mut hooks = Hooks::new();
+    for &l in layers {
+        hooks = hooks.read(Site::new(l, SiteKind::MlpIn), Positions::Rows(at.clone()));
+    }
+    let top = layers.iter().copied().max().unwrap_or(0);
+    let mut fwd = Forward::new(rows.len(), t, model.device()).with_hooks(&mut hooks);
+    let e = model.embed(&input, &fwd)?;
+    model.run_layers(e, 0..top + 1, &mut fwd)?;
+    layers
+        .iter()
+        .map(|&l| {
+            let k = hooks
+                .take(Site::new(l, SiteKind::MlpIn))
+                .expect("site read")
+                .to_dtype(DType::F32)?;
+            Ok(k.mean(0)?)
+        })
+        .collect()
+}
+
 /// One term of a target loss: `weight · −log P(token)` at `(row, position)` of a batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct TargetTerm {
@@ -280,6 +320,18 @@ pub struct ValueHparams {
     /// Tokens per generated prefix.
     #[schema(minimum = 1, maximum = 64)]
     pub context_template_tokens: usize,
+    /// Stop once the new target is the most probable token at every target position of every
+    /// prompt (ENCORE's most-probable early stopping, 2025) instead of at a small NLL.
+    pub early_stop_argmax: bool,
+    /// Rescale each optimised value to the norm of the value it replaces (NAS's norm-anchored
+    /// values, 2026), against the norm growth that precedes sequential collapse.
+    pub norm_anchored: bool,
+}
+
+/// Whether every term's token is the argmax of its logits row (`(n, vocab)`, one per term).
+fn target_is_argmax(logits: &Tensor, terms: &[TargetTerm]) -> Result<bool, EditError> {
+    let best: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    Ok(best.iter().zip(terms).all(|(&b, t)| b == t.token))
 }
 
 /// One optimised value: `v*` and the value `v` the model had at the site, `(d,)` each.
@@ -426,6 +478,7 @@ pub(crate) fn optimise_values(
     let n_terms = terms.len();
     let mut kl_init: Option<Tensor> = None;
     let mut curve = Vec::with_capacity(p.v_steps);
+    let mut stopped = "steps";
     for step in 0..p.v_steps {
         let mut hooks = Hooks::new();
         for (&s, d) in sites.iter().zip(&deltas) {
@@ -457,7 +510,17 @@ pub(crate) fn optimise_values(
         let nll_v = nll.to_scalar::<f32>()? as f64;
         let loss_v = loss.to_scalar::<f32>()? as f64;
         curve.push(json!({"nll": nll_v, "loss": loss_v}));
-        if nll_v < LOSS_DONE || step + 1 == p.v_steps {
+        let done = if p.early_stop_argmax {
+            target_is_argmax(&logits.narrow(0, 0, n_terms)?, &terms)?
+        } else {
+            nll_v < LOSS_DONE
+        };
+        if done || step + 1 == p.v_steps {
+            stopped = match (done, p.early_stop_argmax) {
+                (true, true) => "argmax",
+                (true, false) => "nll",
+                (false, _) => "steps",
+            };
             break;
         }
         opt.backward_step(&loss)?;
@@ -477,23 +540,30 @@ pub(crate) fn optimise_values(
         .zip(init.into_iter().zip(&init_norms))
     {
         let delta = d.as_tensor().detach().squeeze(0)?;
-        per_site.push(
-            json!({"site": site.to_string(), "v_init_norm": n0, "delta_norm": norm(&delta)?}),
-        );
-        out.push(OptimisedValue {
-            target: (&v + &delta)?,
-            current: v,
-        });
+        let mut target = (&v + &delta)?;
+        let solved_norm = norm(&target)?;
+        if p.norm_anchored && solved_norm > 0.0 {
+            target = (target * (n0 / solved_norm))?;
+        }
+        per_site.push(json!({
+            "site": site.to_string(),
+            "v_init_norm": n0,
+            "delta_norm": norm(&delta)?,
+            "v_star_norm": solved_norm,
+            "written_norm": norm(&target)?,
+        }));
+        out.push(OptimisedValue { target, current: v });
     }
     // One site keeps the flat shape the diagnostics have always had.
     let diag = match per_site.as_slice() {
         [one] => {
             let mut d = one.clone();
             d["steps"] = json!(curve);
+            d["stopped"] = json!(stopped);
             d.as_object_mut().map(|o| o.remove("site"));
             d
         }
-        _ => json!({"sites": per_site, "steps": curve}),
+        _ => json!({"sites": per_site, "steps": curve, "stopped": stopped}),
     };
     Ok((out, diag))
 }

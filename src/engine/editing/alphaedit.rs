@@ -18,11 +18,12 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::hparams::check_layers;
+use super::memit::spread;
 use super::method::{EditInput, MethodHparams, MethodOutput, Resource, TypedMethod};
-use super::primitives::{locate, mean_keys, optimise_values, read_at, spd_inverse, ValueHparams};
+use super::primitives::{mean_keys, spd_inverse, ValueHparams};
 use super::EditError;
-use crate::engine::model::{ModelSpec, Site, SiteKind, WeightId};
-use crate::engine::overlay::{Delta, Edited, Overlay, StateEntry};
+use crate::engine::model::ModelSpec;
+use crate::engine::overlay::{Edited, Overlay, StateEntry};
 
 pub struct AlphaEdit;
 
@@ -84,49 +85,9 @@ impl TypedMethod for AlphaEdit {
         input: &EditInput<'_>,
         h: &AlphaEditHparams,
     ) -> Result<MethodOutput, EditError> {
-        let model = input.model;
-        let tok = input.tok;
-        let reqs = input.requests;
-        let templates = input.resources.templates()?;
-        let z_layer = *h.layers.last().expect("layers checked non-empty");
-        let z_site = Site::new(z_layer, SiteKind::Residual);
-        let base = model.base;
-        let dev = base.device().clone();
-        let mut zs = Vec::with_capacity(reqs.len());
-        let mut z_diag = Vec::with_capacity(reqs.len());
-        for r in reqs {
-            let (mut z, d) = optimise_values(model, tok, r, templates, &[z_site], &h.value)?;
-            zs.push(z.remove(0).target);
-            z_diag.push(d);
-        }
-        let zs = Tensor::stack(&zs, 1)?; // (d, B)
-        let plain: Vec<_> = reqs
-            .iter()
-            .map(|r| locate(tok, "{}", r))
-            .collect::<Result<_, _>>()?;
-        let plain_rows: Vec<Vec<u32>> = plain.iter().map(|l| l.ids.clone()).collect();
-        let plain_at: Vec<(usize, usize)> = plain
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i, l.subject_last))
-            .collect();
-        let view_with = |deltas: &[Delta]| -> Result<Edited<'_>, EditError> {
-            let step = Overlay::push(input.current, deltas.to_vec());
-            Ok(Edited::new(
-                base,
-                Arc::new(step.prepare_on(base, &model.overlay)?),
-            ))
-        };
-
-        let mut deltas: Vec<Delta> = Vec::new();
-        let mut layer_diag = Vec::new();
-        let n = h.layers.len();
-        for (i, &layer) in h.layers.iter().enumerate() {
-            // The model with this step's lower-layer updates applied.
-            let view = view_with(&deltas)?;
-            let k = keys(&view, input, templates, layer)?; // (ff, B)
-            let cur_z = read_at(&view, tok, &plain_rows, &plain_at, z_site)?.t()?; // (d, B)
-            let resid = ((&zs - &cur_z)? / (n - i) as f64)?;
+        let dev = input.model.base.device().clone();
+        let walk = spread(input, &h.layers, &h.value, |step| {
+            let layer = step.layer;
             let ns = input.resources.null_space(layer)?;
             if ns.rank == 0 {
                 return Err(EditError::Stats(format!(
@@ -138,37 +99,38 @@ impl TypedMethod for AlphaEdit {
             let u0 = ns.basis(&dev)?; // (ff, r)
             let project =
                 |m: &Tensor| -> candle_core::Result<Tensor> { u0.matmul(&u0.t()?.matmul(m)?) };
-            let earlier: Vec<Tensor> = input
+            let mut all: Vec<Tensor> = input
                 .current
                 .state(&keys_name(layer))
                 .into_iter()
                 .map(|t| t.to_device(&dev))
                 .collect::<candle_core::Result<_>>()?;
-            let mut all = earlier.clone();
-            all.push(k.clone());
-            let pk = project(&k)?; // (ff, B)
+            let earlier = all.len();
+            all.push(step.keys.clone());
+            let pk = project(step.keys)?; // (ff, B)
             let hk = project(&Tensor::cat(&all, 1)?)?; // (ff, N + B)
             let m = hk.dim(1)?;
             let gram = (hk.t()?.matmul(&hk)?.to_dtype(DType::F64)?
                 + (Tensor::eye(m, DType::F64, &dev)? * h.l2)?)?;
             let gram_inv = spd_inverse(&gram, "AlphaEdit's key system")?.to_dtype(DType::F32)?;
             let x = ((&pk - hk.matmul(&gram_inv.matmul(&hk.t()?.matmul(&pk)?)?)?)? / h.l2)?;
-            layer_diag.push(json!({
-                "layer": layer,
+            let diag = json!({
                 "null_space_rank": ns.rank,
-                "earlier_keys": m - k.dim(1)?,
-                "residual_norm": resid.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?,
+                "earlier_keys": m - step.keys.dim(1)?,
+                "earlier_versions": earlier,
                 "x_norm": x.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?,
-            }));
-            let dtype = base.dtype();
-            deltas.push(Delta::LowRank {
-                weight: WeightId::mlp_down(layer),
-                u: resid.to_dtype(dtype)?.contiguous()?,
-                v: x.to_dtype(dtype)?.contiguous()?,
             });
-        }
+            Ok((x, diag))
+        })?;
+        let (tok, reqs) = (input.tok, input.requests);
+        let templates = input.resources.templates()?;
+        let deltas = walk.deltas;
         // The keys this step wrote, read on the model it leaves (as AlphaEdit accumulates them).
-        let after = view_with(&deltas)?;
+        let after = Overlay::push(input.current, deltas.clone());
+        let after = Edited::new(
+            input.model.base,
+            Arc::new(after.prepare_on(input.model.base, &input.model.overlay)?),
+        );
         let mut state = Vec::with_capacity(h.layers.len());
         let per_request: Vec<Vec<Tensor>> = reqs
             .iter()
@@ -180,9 +142,9 @@ impl TypedMethod for AlphaEdit {
         }
         let diagnostics = json!({
             "layers": h.layers,
-            "z_layer": z_layer,
-            "z_star": z_diag,
-            "per_layer": layer_diag,
+            "z_layer": h.layers.last(),
+            "z_star": walk.z_star,
+            "per_layer": walk.per_layer,
             "templates": templates.len(),
         });
         Ok(MethodOutput {
@@ -191,19 +153,4 @@ impl TypedMethod for AlphaEdit {
             diagnostics,
         })
     }
-}
-
-/// The step's keys at `layer` on `view`: `(ff, B)`.
-fn keys(
-    view: &Edited<'_>,
-    input: &EditInput<'_>,
-    templates: &[String],
-    layer: usize,
-) -> Result<Tensor, EditError> {
-    let cols: Vec<Tensor> = input
-        .requests
-        .iter()
-        .map(|r| Ok(mean_keys(view, input.tok, r, templates, &[layer])?.remove(0)))
-        .collect::<Result<_, EditError>>()?;
-    Ok(Tensor::stack(&cols, 1)?)
 }

@@ -10,12 +10,14 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 use utoipa::ToSchema;
 
 use super::hparams::check_layers;
 use super::method::{EditInput, MethodHparams, MethodOutput, Resource, TypedMethod};
-use super::primitives::{locate, mean_key, optimise_values, read_at, spd_inverse, ValueHparams};
+use super::primitives::{
+    mean_key, optimise_batch, plain_prompts, read_at, spd_inverse, ValueHparams,
+};
 use super::EditError;
 use crate::engine::model::{ModelSpec, Site, SiteKind, WeightId};
 use crate::engine::overlay::{Delta, Edited, Overlay};
@@ -65,79 +67,97 @@ impl TypedMethod for Memit {
         ]
     }
 
-    /// Each layer step prepares its lower-layer updates on top of the current version.
     fn compute(&self, input: &EditInput<'_>, h: &MemitHparams) -> Result<MethodOutput, EditError> {
-        let model = input.model;
-        let tok = input.tok;
-        let reqs = input.requests;
-        let templates = input.resources.templates()?;
-        let z_layer = *h.layers.last().expect("layers checked non-empty");
-        let z_site = Site::new(z_layer, SiteKind::Residual);
-        let base = model.base;
-        let dev = base.device().clone();
-        let mut zs = Vec::with_capacity(reqs.len());
-        let mut v_diag = Vec::with_capacity(reqs.len());
-        for r in reqs {
-            let (mut z, d) = optimise_values(model, tok, r, templates, &[z_site], &h.value)?;
-            zs.push(z.remove(0).target);
-            v_diag.push(d);
-        }
-        let zs = Tensor::stack(&zs, 1)?; // (d, B)
-        let plain: Vec<_> = reqs
-            .iter()
-            .map(|r| locate(tok, "{}", r))
-            .collect::<Result<_, _>>()?;
-        let plain_rows: Vec<Vec<u32>> = plain.iter().map(|l| l.ids.clone()).collect();
-        let plain_at: Vec<(usize, usize)> = plain
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i, l.subject_last))
-            .collect();
-
-        let mut deltas: Vec<Delta> = Vec::new();
-        let mut layer_diag = Vec::new();
-        let n = h.layers.len();
-        for (i, &layer) in h.layers.iter().enumerate() {
-            // The model with this step's lower-layer updates applied.
-            let step = Overlay::push(input.current, deltas.clone());
-            let view = Edited::new(base, Arc::new(step.prepare_on(base, &model.overlay)?));
-            let keys: Vec<Tensor> = reqs
-                .iter()
-                .map(|r| mean_key(&view, tok, r, templates, layer))
-                .collect::<Result<_, _>>()?;
-            let k = Tensor::stack(&keys, 1)?; // (ff, B)
-            let cur_z = read_at(&view, tok, &plain_rows, &plain_at, z_site)?.t()?; // (d, B)
-            let resid = ((&zs - &cur_z)? / (n - i) as f64)?;
-            let inv = input.resources.stats(layer)?.inverse_tensor(&dev)?;
-            let p = inv.matmul(&k)?; // C⁻¹K (ff, B)
-            let g = k.t()?.matmul(&p)?; // KᵀC⁻¹K (B, B)
+        let dev = input.model.base.device().clone();
+        let walk = spread(input, &h.layers, &h.value, |step| {
+            let inv = input.resources.stats(step.layer)?.inverse_tensor(&dev)?;
+            let p = inv.matmul(step.keys)?; // C⁻¹K (ff, B)
+            let g = step.keys.t()?.matmul(&p)?; // KᵀC⁻¹K (B, B)
             let b = g.dim(0)?;
             let lam = h.mom2_update_weight;
             let small = (g.to_dtype(DType::F64)? + (Tensor::eye(b, DType::F64, &dev)? * lam)?)?;
             let small_inv = spd_inverse(&small, "MEMIT's batch system")?;
-            let adj = p.matmul(&small_inv.to_dtype(DType::F32)?)?; // (ff, B)
-            layer_diag.push(json!({
-                "layer": layer,
-                "residual_norm": resid.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?,
-            }));
-            let dtype = base.dtype();
-            deltas.push(Delta::LowRank {
-                weight: WeightId::mlp_down(layer),
-                u: resid.to_dtype(dtype)?.contiguous()?,
-                v: adj.to_dtype(dtype)?.contiguous()?,
-            });
-        }
+            Ok((p.matmul(&small_inv.to_dtype(DType::F32)?)?, json!({})))
+        })?;
         let diagnostics = json!({
             "layers": h.layers,
-            "z_layer": z_layer,
-            "z_star": v_diag,
-            "per_layer": layer_diag,
-            "templates": templates.len(),
+            "z_layer": h.layers.last(),
+            "z_star": walk.z_star,
+            "per_layer": walk.per_layer,
+            "templates": input.resources.templates()?.len(),
         });
+        let deltas = walk.deltas;
         Ok(MethodOutput {
             deltas,
             state: Vec::new(),
             diagnostics,
         })
     }
+}
+
+/// One layer of MEMIT's walk: the layer and this step's keys there (`(ff, B)`).
+pub(super) struct LayerStep<'t> {
+    pub layer: usize,
+    pub keys: &'t Tensor,
+}
+
+/// What [`spread`] made: the deltas, per-layer diagnostics and the `z*` optimisations'.
+pub(super) struct Spread {
+    pub deltas: Vec<Delta>,
+    pub per_layer: Vec<Value>,
+    pub z_star: Vec<Value>,
+}
+
+/// MEMIT's walk, shared by the methods that spread a batch over layers: `z*` for every request
+/// at the residual after the last layer, then lowest layer first, on the current model with this
+/// step's lower-layer updates applied, the step's keys and the missing residual divided by the
+/// layers left; `solve` turns them into `X` (`(ff, B)`, and diagnostics), and the layer's
+/// update is `ΔW = R Xᵀ`.
+pub(super) fn spread(
+    input: &EditInput<'_>,
+    layers: &[usize],
+    value: &ValueHparams,
+    mut solve: impl FnMut(LayerStep<'_>) -> Result<(Tensor, Value), EditError>,
+) -> Result<Spread, EditError> {
+    let (model, tok, reqs) = (input.model, input.tok, input.requests);
+    let templates = input.resources.templates()?;
+    let z_layer = *layers.last().expect("layers checked non-empty");
+    let z_site = Site::new(z_layer, SiteKind::Residual);
+    let base = model.base;
+    let (zs, z_star) = optimise_batch(model, tok, reqs, templates, z_site, value)?; // (d, B)
+    let (plain_rows, plain_at) = plain_prompts(tok, reqs)?;
+    let mut deltas: Vec<Delta> = Vec::new();
+    let mut per_layer = Vec::new();
+    let n = layers.len();
+    for (i, &layer) in layers.iter().enumerate() {
+        let step = Overlay::push(input.current, deltas.clone());
+        let view = Edited::new(base, Arc::new(step.prepare_on(base, &model.overlay)?));
+        let keys: Vec<Tensor> = reqs
+            .iter()
+            .map(|r| mean_key(&view, tok, r, templates, layer))
+            .collect::<Result<_, _>>()?;
+        let k = Tensor::stack(&keys, 1)?; // (ff, B)
+        let cur_z = read_at(&view, tok, &plain_rows, &plain_at, z_site)?.t()?; // (d, B)
+        let resid = ((&zs - &cur_z)? / (n - i) as f64)?;
+        let (x, mut diag) = solve(LayerStep { layer, keys: &k })?;
+        if let Some(d) = diag.as_object_mut() {
+            d.insert("layer".into(), json!(layer));
+            d.insert(
+                "residual_norm".into(),
+                json!(resid.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?),
+            );
+        }
+        per_layer.push(diag);
+        let dtype = base.dtype();
+        deltas.push(Delta::LowRank {
+            weight: WeightId::mlp_down(layer),
+            u: resid.to_dtype(dtype)?.contiguous()?,
+            v: x.to_dtype(dtype)?.contiguous()?,
+        });
+    }
+    Ok(Spread {
+        deltas,
+        per_layer,
+        z_star,
+    })
 }

@@ -151,18 +151,37 @@ pub(crate) fn mean_key(
     templates: &[String],
     layer: usize,
 ) -> Result<Tensor, EditError> {
+    Ok(mean_keys(model, tok, req, templates, &[layer])?.remove(0))
+}
+
+/// Token rows and the `(row, subject-last position)` lookup of each.
+pub(crate) type Lookups = (Vec<Vec<u32>>, Vec<(usize, usize)>);
+
+/// The request's prompt in every context template, and each row's subject-last position.
+fn in_templates(tok: &Tok, req: &EditRequest, templates: &[String]) -> Result<Lookups, EditError> {
     let located: Vec<Located> = templates
         .iter()
         .map(|c| locate(tok, c, req))
         .collect::<Result<_, _>>()?;
-    let rows: Vec<Vec<u32>> = located.iter().map(|l| l.ids.clone()).collect();
-    let at: Vec<(usize, usize)> = located
+    Ok(lookups(located))
+}
+
+/// The plain prompts of `reqs` (no context) and each row's subject-last position.
+pub(crate) fn plain_prompts(tok: &Tok, reqs: &[&EditRequest]) -> Result<Lookups, EditError> {
+    let located: Vec<Located> = reqs
+        .iter()
+        .map(|r| locate(tok, "{}", r))
+        .collect::<Result<_, _>>()?;
+    Ok(lookups(located))
+}
+
+fn lookups(located: Vec<Located>) -> Lookups {
+    let at = located
         .iter()
         .enumerate()
         .map(|(r, l)| (r, l.subject_last))
         .collect();
-    let keys = read_at(model, tok, &rows, &at, Site::new(layer, SiteKind::MlpIn))?;
-    Ok(keys.mean(0)?)
+    (located.into_iter().map(|l| l.ids).collect(), at)
 }
 
 /// Mean keys at each of `layers` over the request's prompt in every context template, read in
@@ -174,16 +193,7 @@ pub(crate) fn mean_keys(
     templates: &[String],
     layers: &[usize],
 ) -> Result<Vec<Tensor>, EditError> {
-    let located: Vec<Located> = templates
-        .iter()
-        .map(|c| locate(tok, c, req))
-        .collect::<Result<_, _>>()?;
-    let rows: Vec<Vec<u32>> = located.iter().map(|l| l.ids.clone()).collect();
-    let at: Vec<(usize, usize)> = located
-        .iter()
-        .enumerate()
-        .map(|(r, l)| (r, l.subject_last))
-        .collect();
+    let (rows, at) = in_templates(tok, req, templates)?;
     let (input, t) = pad(model, tok, &rows)?;
     let mut hooks = Hooks::new();
     for &l in layers {
@@ -566,6 +576,26 @@ pub(crate) fn optimise_values(
         _ => json!({"sites": per_site, "steps": curve, "stopped": stopped}),
     };
     Ok((out, diag))
+}
+
+/// The value at `site` optimised for each of `reqs` (MEMIT's and AlphaEdit's `z*`): `(d, B)`,
+/// one column per request, and each optimisation's diagnostics.
+pub(crate) fn optimise_batch(
+    model: &dyn CausalLm,
+    tok: &Tok,
+    reqs: &[&EditRequest],
+    templates: &[String],
+    site: Site,
+    p: &ValueHparams,
+) -> Result<(Tensor, Vec<Value>), EditError> {
+    let mut zs = Vec::with_capacity(reqs.len());
+    let mut diag = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        let (mut z, d) = optimise_values(model, tok, r, templates, &[site], p)?;
+        zs.push(z.remove(0).target);
+        diag.push(d);
+    }
+    Ok((Tensor::stack(&zs, 1)?, diag))
 }
 
 /// Inverse of a small symmetric positive-definite `(b, b)` matrix (f64, Cholesky); `what` names

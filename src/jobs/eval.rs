@@ -3,7 +3,7 @@
 //! reporting progress after every chunk and each task's result as soon as it is scored; the
 //! runner ([`Jobs::run_evaluation`]) writes them to the job's row as they come.
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,24 +33,40 @@ pub(crate) enum Event {
     Finished(Result<(), EvalError>),
 }
 
-pub(crate) struct Run<'a> {
+/// What an evaluation thread needs, owned so it can move onto the thread.
+pub(crate) struct Run {
     pub engine: Engine,
     pub view: ModelView,
-    pub spec: &'a EvaluationSpec,
-    pub data_dir: &'a Path,
+    pub spec: EvaluationSpec,
+    pub data_dir: PathBuf,
     /// Tasks whose results are already stored (a resumed job skips them).
-    pub finished: &'a BTreeSet<String>,
-    pub cancel: &'a AtomicBool,
+    pub finished: BTreeSet<String>,
+    pub cancel: Arc<AtomicBool>,
     pub patience: Duration,
 }
 
-pub(crate) fn run(r: Run<'_>, tx: &UnboundedSender<Event>) -> Result<(), EvalError> {
+/// Starts [`run`] on a thread named `name`, inside the current span; its events, ending with
+/// [`Event::Finished`], arrive on the returned receiver.
+pub(crate) fn spawn(r: Run, name: &str) -> std::io::Result<UnboundedReceiver<Event>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _s = span.entered();
+            let done = run(r, &tx);
+            let _ = tx.send(Event::Finished(done));
+        })?;
+    Ok(rx)
+}
+
+pub(crate) fn run(r: Run, tx: &UnboundedSender<Event>) -> Result<(), EvalError> {
     let opts = r.spec.options();
     let mut tasks = Vec::with_capacity(r.spec.tasks.len());
     let mut prepared = Vec::with_capacity(r.spec.tasks.len());
     for name in &r.spec.tasks {
         tasks.push(get_task(name)?);
-        prepared.push(prepare_task(name, &opts, r.data_dir)?);
+        prepared.push(prepare_task(name, &opts, &r.data_dir)?);
     }
     let plan = distinct_requests(&prepared);
     let total: u64 = plan.iter().map(|n| *n as u64).sum();
@@ -147,36 +163,25 @@ impl Jobs {
             tracing::info!(session = %spec.session, version = spec.version,
                 resumed_tasks = rec.results.len(), "evaluation started")
         });
-        let (tx, rx) = mpsc::unbounded_channel();
-        let finished: BTreeSet<String> = rec.results.keys().cloned().collect();
-        let engine = self.engine.clone();
-        let patience = self.cfg.patience;
-        let cancel = flag.clone();
-        let thread_span = span.clone();
-        let spawned = std::thread::Builder::new()
-            .name("emend-eval".into())
-            .spawn(move || {
-                let _s = thread_span.entered();
-                let r = run(
-                    Run {
-                        engine,
-                        view,
-                        spec: &spec,
-                        data_dir: &dir,
-                        finished: &finished,
-                        cancel: &cancel,
-                        patience,
-                    },
-                    &tx,
-                );
-                let _ = tx.send(Event::Finished(r));
-            });
-        if let Err(e) = spawned {
-            rec.error = Some(format!("could not start the evaluation thread: {e}"));
-            return self
-                .finish(id, JobStatus::Failed, started_at, progress, rec)
-                .await;
-        }
+        let run = Run {
+            engine: self.engine.clone(),
+            view,
+            spec,
+            data_dir: dir,
+            finished: rec.results.keys().cloned().collect(),
+            cancel: flag.clone(),
+            patience: self.cfg.patience,
+        };
+        let spawned = span.in_scope(|| spawn(run, "emend-eval"));
+        let rx = match spawned {
+            Ok(rx) => rx,
+            Err(e) => {
+                rec.error = Some(format!("could not start the evaluation thread: {e}"));
+                return self
+                    .finish(id, JobStatus::Failed, started_at, progress, rec)
+                    .await;
+            }
+        };
         let mut progress = progress;
         let outcome = self.follow(id, rx, &mut rec, &mut progress, flag).await?;
         self.conclude(id, outcome, started_at, progress, rec, &span)

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
-use tokio::sync::mpsc;
 
 use super::backend::EngineBackend;
 use super::sweep::{eval_spec, load_records, CurveRow, SweepSpec};
@@ -386,31 +385,16 @@ async fn evaluate_at(
     dir: PathBuf,
     flag: &Arc<AtomicBool>,
 ) -> Result<BTreeMap<String, Value>, EvalError> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let engine = jobs.engine.clone();
-    let patience = jobs.cfg.patience;
-    let cancel = flag.clone();
-    let spec = spec.clone();
-    let span = tracing::Span::current();
-    std::thread::Builder::new()
-        .name("emend-sweep-eval".into())
-        .spawn(move || {
-            let _s = span.entered();
-            let finished = BTreeSet::new();
-            let r = eval::run(
-                eval::Run {
-                    engine,
-                    view,
-                    spec: &spec,
-                    data_dir: &dir,
-                    finished: &finished,
-                    cancel: &cancel,
-                    patience,
-                },
-                &tx,
-            );
-            let _ = tx.send(eval::Event::Finished(r));
-        })
+    let run = eval::Run {
+        engine: jobs.engine.clone(),
+        view,
+        spec: spec.clone(),
+        data_dir: dir,
+        finished: BTreeSet::new(),
+        cancel: flag.clone(),
+        patience: jobs.cfg.patience,
+    };
+    let mut rx = eval::spawn(run, "emend-sweep-eval")
         .map_err(|e| backend(format!("could not start the evaluation thread: {e}")))?;
     let mut results = BTreeMap::new();
     loop {

@@ -10,7 +10,6 @@
 //! `X = (PK − H (λI + HᵀH)⁻¹ Hᵀ PK) / λ`: a system of the session's edit count, not of the
 //! MLP width. After the update the keys of this step, read on the edited model, join the
 //! version's state.
-use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -18,12 +17,12 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::hparams::check_layers;
-use super::memit::spread;
+use super::memit::{spread, with_step};
 use super::method::{EditInput, MethodHparams, MethodOutput, Resource, TypedMethod};
 use super::primitives::{mean_keys, spd_inverse, ValueHparams};
 use super::EditError;
 use crate::engine::model::ModelSpec;
-use crate::engine::overlay::{Edited, Overlay, StateEntry};
+use crate::engine::overlay::StateEntry;
 
 pub struct AlphaEdit;
 
@@ -107,16 +106,16 @@ impl TypedMethod for AlphaEdit {
                 .collect::<candle_core::Result<_>>()?;
             let earlier = all.len();
             all.push(step.keys.clone());
-            let pk = project(step.keys)?; // (ff, B)
-            let hk = project(&Tensor::cat(&all, 1)?)?; // (ff, N + B)
-            let m = hk.dim(1)?;
+            let hk = project(&Tensor::cat(&all, 1)?)?; // P [Kₚ K]: (ff, N + B)
+            let (m, b) = (hk.dim(1)?, step.keys.dim(1)?);
+            let pk = hk.narrow(1, m - b, b)?; // PK (ff, B)
             let gram = (hk.t()?.matmul(&hk)?.to_dtype(DType::F64)?
                 + (Tensor::eye(m, DType::F64, &dev)? * h.l2)?)?;
             let gram_inv = spd_inverse(&gram, "AlphaEdit's key system")?.to_dtype(DType::F32)?;
             let x = ((&pk - hk.matmul(&gram_inv.matmul(&hk.t()?.matmul(&pk)?)?)?)? / h.l2)?;
             let diag = json!({
                 "null_space_rank": ns.rank,
-                "earlier_keys": m - step.keys.dim(1)?,
+                "earlier_keys": m - b,
                 "earlier_versions": earlier,
                 "x_norm": x.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?,
             });
@@ -126,11 +125,7 @@ impl TypedMethod for AlphaEdit {
         let templates = input.resources.templates()?;
         let deltas = walk.deltas;
         // The keys this step wrote, read on the model it leaves (as AlphaEdit accumulates them).
-        let after = Overlay::push(input.current, deltas.clone());
-        let after = Edited::new(
-            input.model.base,
-            Arc::new(after.prepare_on(input.model.base, &input.model.overlay)?),
-        );
+        let after = with_step(input, &deltas)?;
         let mut state = Vec::with_capacity(h.layers.len());
         let per_request: Vec<Vec<Tensor>> = reqs
             .iter()

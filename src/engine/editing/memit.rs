@@ -130,8 +130,7 @@ pub(super) fn spread(
     let mut per_layer = Vec::new();
     let n = layers.len();
     for (i, &layer) in layers.iter().enumerate() {
-        let step = Overlay::push(input.current, deltas.clone());
-        let view = Edited::new(base, Arc::new(step.prepare_on(base, &model.overlay)?));
+        let view = with_step(input, &deltas)?;
         let keys: Vec<Tensor> = reqs
             .iter()
             .map(|r| mean_key(&view, tok, r, templates, layer))
@@ -160,4 +159,18 @@ pub(super) fn spread(
         per_layer,
         z_star,
     })
+}
+
+/// The current model with `deltas` (this step's updates so far) applied on top of the current
+/// version, prepared from the current version's prepared overlay.
+pub(super) fn with_step<'a>(
+    input: &EditInput<'a>,
+    deltas: &[Delta],
+) -> Result<Edited<'a>, EditError> {
+    let base = input.model.base;
+    let step = Overlay::push(input.current, deltas.to_vec());
+    Ok(Edited::new(
+        base,
+        Arc::new(step.prepare_on(base, &input.model.overlay)?),
+    ))
 }

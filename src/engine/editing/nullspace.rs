@@ -15,8 +15,8 @@ use super::EditError;
 
 /// One layer's null-space basis.
 pub struct NullSpace {
-    /// `(ff, rank)` row-major: orthonormal eigenvectors with eigenvalue below the threshold.
-    basis: Vec<f32>,
+    /// `(ff, rank)` on the CPU: orthonormal eigenvectors with eigenvalue below the threshold.
+    basis: Tensor,
     pub dim: usize,
     pub rank: usize,
     /// The covariance's smallest and largest eigenvalues.
@@ -24,13 +24,20 @@ pub struct NullSpace {
 }
 
 impl NullSpace {
-    /// The basis `U₀` as a `(ff, rank)` tensor on `device`.
+    fn new(basis: Vec<f32>, dim: usize, rank: usize, eigen_range: (f64, f64)) -> Self {
+        let basis = Tensor::from_vec(basis, (dim, rank), &Device::Cpu)
+            .expect("a basis of dim × rank values");
+        Self {
+            basis,
+            dim,
+            rank,
+            eigen_range,
+        }
+    }
+
+    /// The basis `U₀` as a `(ff, rank)` tensor on `device` (shared, not copied, on the CPU).
     pub fn basis(&self, device: &Device) -> Result<Tensor, EditError> {
-        Ok(Tensor::from_vec(
-            self.basis.clone(),
-            (self.dim, self.rank),
-            device,
-        )?)
+        Ok(self.basis.to_device(device)?)
     }
 }
 
@@ -105,16 +112,16 @@ fn compute(stats: &LayerStats, threshold: f64) -> NullSpace {
         seconds = t.elapsed().as_secs_f64(),
         "key covariance null space computed"
     );
-    NullSpace {
-        basis,
-        dim: n,
-        rank: keep.len(),
-        eigen_range: (lo, hi),
-    }
+    NullSpace::new(basis, n, keep.len(), (lo, hi))
 }
 
 fn write(path: &Path, n: &NullSpace) -> Result<(), String> {
-    let bytes: Vec<u8> = n.basis.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let values: Vec<f32> = n
+        .basis
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .map_err(|e| e.to_string())?;
+    let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n.dim, n.rank], &bytes)
             .map_err(|e| e.to_string())?;
@@ -145,10 +152,5 @@ fn read(path: &Path) -> Option<NullSpace> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
         .collect();
-    (basis.len() == dim * rank).then_some(NullSpace {
-        basis,
-        dim,
-        rank,
-        eigen_range: (lo, hi),
-    })
+    (basis.len() == dim * rank).then(|| NullSpace::new(basis, dim, rank, (lo, hi)))
 }

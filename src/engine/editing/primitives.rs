@@ -115,13 +115,31 @@ pub(crate) fn read_at(
     at: &[(usize, usize)],
     site: Site,
 ) -> Result<Tensor, EditError> {
+    Ok(read_sites(model, tok, rows, at, &[site])?.remove(0))
+}
+
+/// The values at each of `sites` (`(n, d)` each, in `sites`' order) at each `(row, position)`,
+/// in one forward that stops after the deepest site.
+pub(crate) fn read_sites(
+    model: &dyn CausalLm,
+    tok: &Tok,
+    rows: &[Vec<u32>],
+    at: &[(usize, usize)],
+    sites: &[Site],
+) -> Result<Vec<Tensor>, EditError> {
     let (input, t) = pad(model, tok, rows)?;
-    let b = rows.len();
-    let mut hooks = Hooks::new().read(site, Positions::Rows(at.to_vec()));
-    let mut fwd = Forward::new(b, t, model.device()).with_hooks(&mut hooks);
+    let mut hooks = Hooks::new();
+    for &s in sites {
+        hooks = hooks.read(s, Positions::Rows(at.to_vec()));
+    }
+    let top = sites.iter().map(|s| s.layer).max().unwrap_or(0);
+    let mut fwd = Forward::new(rows.len(), t, model.device()).with_hooks(&mut hooks);
     let e = model.embed(&input, &fwd)?;
-    model.run_layers(e, 0..site.layer + 1, &mut fwd)?;
-    Ok(hooks.take(site).expect("site read").to_dtype(DType::F32)?)
+    model.run_layers(e, 0..top + 1, &mut fwd)?;
+    sites
+        .iter()
+        .map(|&s| Ok(hooks.take(s).expect("site read").to_dtype(DType::F32)?))
+        .collect()
 }
 
 /// The key entering `layer`'s down projection at the subject's last token of the plain prompt:
@@ -132,15 +150,9 @@ pub(crate) fn prompt_key(
     req: &EditRequest,
     layer: usize,
 ) -> Result<Tensor, EditError> {
-    let plain = locate(tok, "{}", req)?;
-    Ok(read_at(
-        model,
-        tok,
-        std::slice::from_ref(&plain.ids),
-        &[(0, plain.subject_last)],
-        Site::new(layer, SiteKind::MlpIn),
-    )?
-    .squeeze(0)?)
+    let (rows, at) = plain_prompts(tok, &[req])?;
+    let site = Site::new(layer, SiteKind::MlpIn);
+    Ok(read_at(model, tok, &rows, &at, site)?.squeeze(0)?)
 }
 
 /// Mean key at layer `layer` over the request's prompt in every context template: `(ff,)`.
@@ -194,24 +206,13 @@ pub(crate) fn mean_keys(
     layers: &[usize],
 ) -> Result<Vec<Tensor>, EditError> {
     let (rows, at) = in_templates(tok, req, templates)?;
-    let (input, t) = pad(model, tok, &rows)?;
-    let mut hooks = Hooks::new();
-    for &l in layers {
-        hooks = hooks.read(Site::new(l, SiteKind::MlpIn), Positions::Rows(at.clone()));
-    }
-    let top = layers.iter().copied().max().unwrap_or(0);
-    let mut fwd = Forward::new(rows.len(), t, model.device()).with_hooks(&mut hooks);
-    let e = model.embed(&input, &fwd)?;
-    model.run_layers(e, 0..top + 1, &mut fwd)?;
-    layers
+    let sites: Vec<Site> = layers
         .iter()
-        .map(|&l| {
-            let k = hooks
-                .take(Site::new(l, SiteKind::MlpIn))
-                .expect("site read")
-                .to_dtype(DType::F32)?;
-            Ok(k.mean(0)?)
-        })
+        .map(|&l| Site::new(l, SiteKind::MlpIn))
+        .collect();
+    read_sites(model, tok, &rows, &at, &sites)?
+        .into_iter()
+        .map(|k| Ok(k.mean(0)?))
         .collect()
 }
 

@@ -86,16 +86,15 @@ impl<'a> Forward<'a> {
 
     /// The projection `id` of `x`, with the session's delta if it has one.
     pub(crate) fn linear(&self, id: WeightId, proj: &Proj, x: &Tensor) -> Result<Tensor> {
-        let key = x;
         match self.overlay.as_deref().and_then(|o| o.weight(id)) {
-            None => proj.forward(key),
+            None => proj.forward(x),
             Some(LayerPatch::Dense { weight }) => Proj {
                 weight: weight.clone(),
                 bias: proj.bias.clone(),
             }
-            .forward(key),
+            .forward(x),
             Some(LayerPatch::LowRank { v_t, u }) => {
-                let base = proj.forward(key)?;
+                let base = proj.forward(x)?;
                 let down = Proj {
                     weight: v_t.clone(),
                     bias: None,
@@ -104,7 +103,7 @@ impl<'a> Forward<'a> {
                     weight: u.clone(),
                     bias: None,
                 };
-                Ok((base + up.forward(&down.forward(key)?)?)?)
+                Ok((base + up.forward(&down.forward(x)?)?)?)
             }
         }
     }

@@ -187,6 +187,18 @@ async fn bad_edits_answer_422_naming_the_field_and_leave_the_version() {
             "hparams.layers[1]",
         ),
         (
+            json!({"method": "kn", "edits": [eiffel()]}),
+            "edits[0].target_true",
+        ),
+        (
+            json!({"method": "kn", "edits": [eiffel()], "hparams": {"adaptive_threshold": 1.5}}),
+            "hparams.adaptive_threshold",
+        ),
+        (
+            json!({"method": "pmet", "edits": [eiffel()], "hparams": {"layers": [3, 31]}}),
+            "hparams.layers[1]",
+        ),
+        (
             json!({"method": "ft-l", "edits": [eiffel()], "hparams": {"norm_constraint": 11.0}}),
             "hparams.norm_constraint",
         ),
@@ -393,7 +405,10 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["rome", "memit", "alphaedit", "ft-l", "ft-m"]);
+    assert_eq!(
+        names,
+        ["rome", "memit", "pmet", "alphaedit", "kn", "ft-l", "ft-m"]
+    );
     for m in v["methods"].as_array().unwrap() {
         assert!(
             m["defaults"].as_object().is_some_and(|d| !d.is_empty()),
@@ -414,9 +429,15 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
         rome["hparams_schema"]["properties"]["v_steps"]["maximum"],
         200
     );
-    assert_eq!(v["methods"][3]["resources"], json!([]), "FT needs nothing");
+    assert_eq!(v["methods"][5]["resources"], json!([]), "FT needs nothing");
+    assert_eq!(v["methods"][4]["resources"], json!([]), "KN needs nothing");
     assert_eq!(
         v["methods"][2]["resources"][1],
+        json!({"kind": "key_stats", "layers": [3, 4, 5, 6, 7], "samples": 1000}),
+        "PMET reads MEMIT's statistics"
+    );
+    assert_eq!(
+        v["methods"][3]["resources"][1],
         json!({"kind": "null_space", "layers": [3, 4, 5, 6, 7], "samples": 1000, "threshold": 0.02})
     );
     let id = new_session_at(server(), json!({})).await;

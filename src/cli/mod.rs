@@ -16,6 +16,7 @@ use emend::setup;
 mod bench;
 mod bench_edit;
 mod bench_eval;
+mod bench_quality;
 mod edit;
 mod eval;
 mod serve;
@@ -72,6 +73,9 @@ pub enum Command {
     /// Measure editing: statistics, every method on CounterFact, sequential edits, overlays at
     /// depth.
     BenchEdit(bench_edit::BenchEditArgs),
+    /// Measure edit quality: every method on the first CounterFact records, one fresh session
+    /// per edit, beside peers' reports.
+    BenchQuality(bench_quality::BenchQualityArgs),
     /// Measure evaluation: task slices timed beside lm-evaluation-harness's report.
     BenchEval(bench_eval::BenchEvalArgs),
     /// Run the HTTP server (sessions, generation, scoring, OpenAI-compatible routes).
@@ -301,6 +305,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => bench::run(&g, a)?,
         Command::BenchEdit(a) => bench_edit::run(&g, a)?,
+        Command::BenchQuality(a) => bench_quality::run(&g, a)?,
         Command::BenchEval(a) => bench_eval::run(&g, a)?,
         Command::Serve(a) => serve::run(&g, a)?,
         Command::Openapi => print!("{}", emend::api::openapi::json()),

@@ -1,5 +1,6 @@
 //! Shared test helpers: the default model (loaded once per test binary), `../shared`, servers.
 #![allow(dead_code)]
+pub mod editing;
 pub mod server;
 
 use std::path::PathBuf;

@@ -17,7 +17,7 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::hparams::check_layers;
-use super::memit::{spread, with_step};
+use super::memit::{spread, with_step, Target};
 use super::method::{EditInput, MethodHparams, MethodOutput, Resource, TypedMethod};
 use super::primitives::{mean_keys, spd_inverse, ValueHparams};
 use super::EditError;
@@ -85,7 +85,7 @@ impl TypedMethod for AlphaEdit {
         h: &AlphaEditHparams,
     ) -> Result<MethodOutput, EditError> {
         let dev = input.model.base.device().clone();
-        let walk = spread(input, &h.layers, &h.value, |step| {
+        let walk = spread(input, &h.layers, &h.value, &Target::RESIDUAL, |step| {
             let layer = step.layer;
             let ns = input.resources.null_space(layer)?;
             if ns.rank == 0 {

@@ -68,16 +68,11 @@ impl TypedMethod for Memit {
     }
 
     fn compute(&self, input: &EditInput<'_>, h: &MemitHparams) -> Result<MethodOutput, EditError> {
-        let dev = input.model.base.device().clone();
-        let walk = spread(input, &h.layers, &h.value, |step| {
-            let inv = input.resources.stats(step.layer)?.inverse_tensor(&dev)?;
-            let p = inv.matmul(step.keys)?; // C⁻¹K (ff, B)
-            let g = step.keys.t()?.matmul(&p)?; // KᵀC⁻¹K (B, B)
-            let b = g.dim(0)?;
-            let lam = h.mom2_update_weight;
-            let small = (g.to_dtype(DType::F64)? + (Tensor::eye(b, DType::F64, &dev)? * lam)?)?;
-            let small_inv = spd_inverse(&small, "MEMIT's batch system")?;
-            Ok((p.matmul(&small_inv.to_dtype(DType::F32)?)?, json!({})))
+        let walk = spread(input, &h.layers, &h.value, &Target::RESIDUAL, |step| {
+            Ok((
+                covariance_solve(input, &step, h.mom2_update_weight)?,
+                json!({}),
+            ))
         })?;
         let diagnostics = json!({
             "layers": h.layers,
@@ -95,6 +90,42 @@ impl TypedMethod for Memit {
     }
 }
 
+/// MEMIT's least squares against the key covariance: `X = (λC + KKᵀ)⁻¹K`, solved as
+/// `C⁻¹K (λI + KᵀC⁻¹K)⁻¹` in the batch's space.
+pub(super) fn covariance_solve(
+    input: &EditInput<'_>,
+    step: &LayerStep<'_>,
+    lam: f64,
+) -> Result<Tensor, EditError> {
+    let dev = input.model.base.device().clone();
+    let inv = input.resources.stats(step.layer)?.inverse_tensor(&dev)?;
+    let p = inv.matmul(step.keys)?; // C⁻¹K (ff, B)
+    let g = step.keys.t()?.matmul(&p)?; // KᵀC⁻¹K (B, B)
+    let b = g.dim(0)?;
+    let small = (g.to_dtype(DType::F64)? + (Tensor::eye(b, DType::F64, &dev)? * lam)?)?;
+    let small_inv = spd_inverse(&small, "the batch's key system")?;
+    Ok(p.matmul(&small_inv.to_dtype(DType::F32)?)?)
+}
+
+/// What a walk optimises at its last layer and writes over its layers.
+pub(super) struct Target {
+    /// The sites of the last layer whose values are optimised together for each request.
+    pub optimise: &'static [SiteKind],
+    /// The one of them whose missing part the layers write, read back after each update.
+    pub written: SiteKind,
+    /// The share of the missing part a layer writes, given the layers left including it.
+    pub share: fn(usize) -> f64,
+}
+
+impl Target {
+    /// MEMIT's: the residual stream, each layer writing its even share of what is missing.
+    pub const RESIDUAL: Target = Target {
+        optimise: &[SiteKind::Residual],
+        written: SiteKind::Residual,
+        share: |left| 1.0 / left as f64,
+    };
+}
+
 /// One layer of MEMIT's walk: the layer and this step's keys there (`(ff, B)`).
 pub(super) struct LayerStep<'t> {
     pub layer: usize,
@@ -109,22 +140,33 @@ pub(super) struct Spread {
 }
 
 /// MEMIT's walk, shared by the methods that spread a batch over layers: `z*` for every request
-/// at the residual after the last layer, then lowest layer first, on the current model with this
-/// step's lower-layer updates applied, the step's keys and the missing residual divided by the
-/// layers left; `solve` turns them into `X` (`(ff, B)`, and diagnostics), and the layer's
-/// update is `ΔW = R Xᵀ`.
+/// at the `target`'s site of the last layer, then lowest layer first, on the current model with
+/// this step's lower-layer updates applied, the step's keys and the target's share of what is
+/// still missing there; `solve` turns the keys into `X` (`(ff, B)`, and diagnostics), and the
+/// layer's update is `ΔW = R Xᵀ`.
 pub(super) fn spread(
     input: &EditInput<'_>,
     layers: &[usize],
     value: &ValueHparams,
+    target: &Target,
     mut solve: impl FnMut(LayerStep<'_>) -> Result<(Tensor, Value), EditError>,
 ) -> Result<Spread, EditError> {
     let (model, tok, reqs) = (input.model, input.tok, input.requests);
     let templates = input.resources.templates()?;
     let z_layer = *layers.last().expect("layers checked non-empty");
-    let z_site = Site::new(z_layer, SiteKind::Residual);
+    let z_site = Site::new(z_layer, target.written);
+    let sites: Vec<Site> = target
+        .optimise
+        .iter()
+        .map(|&k| Site::new(z_layer, k))
+        .collect();
+    let keep = target
+        .optimise
+        .iter()
+        .position(|&k| k == target.written)
+        .expect("the written site is optimised");
     let base = model.base;
-    let (zs, z_star) = optimise_batch(model, tok, reqs, templates, z_site, value)?; // (d, B)
+    let (zs, z_star) = optimise_batch(model, tok, reqs, templates, &sites, keep, value)?; // (d, B)
     let (plain_rows, plain_at) = plain_prompts(tok, reqs)?;
     let mut deltas: Vec<Delta> = Vec::new();
     let mut per_layer = Vec::new();
@@ -137,7 +179,7 @@ pub(super) fn spread(
             .collect::<Result<_, _>>()?;
         let k = Tensor::stack(&keys, 1)?; // (ff, B)
         let cur_z = read_at(&view, tok, &plain_rows, &plain_at, z_site)?.t()?; // (d, B)
-        let resid = ((&zs - &cur_z)? / (n - i) as f64)?;
+        let resid = ((&zs - &cur_z)? * (target.share)(n - i))?;
         let (x, mut diag) = solve(LayerStep { layer, keys: &k })?;
         if let Some(d) = diag.as_object_mut() {
             d.insert("layer".into(), json!(layer));

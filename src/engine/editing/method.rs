@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::nullspace::NullSpace;
 use super::stats::LayerStats;
-use super::{alphaedit, ft, hparams, memit, rome, EditError, EditRequest};
+use super::{alphaedit, ft, hparams, kn, memit, pmet, rome, EditError, EditRequest};
 use crate::engine::model::{ModelSpec, Tok};
 use crate::engine::overlay::{Delta, Edited, Overlay, StateEntry};
 
@@ -20,7 +20,9 @@ use crate::engine::overlay::{Delta, Edited, Overlay, StateEntry};
 static REGISTRY: &[&dyn EditMethod] = &[
     &rome::Rome,
     &memit::Memit,
+    &pmet::Pmet,
     &alphaedit::AlphaEdit,
+    &kn::Kn,
     &ft::FtL,
     &ft::FtM,
 ];

@@ -25,8 +25,10 @@ pub mod stats;
 mod alphaedit;
 mod compute;
 mod ft;
+mod kn;
 mod memit;
 mod nullspace;
+mod pmet;
 mod rome;
 
 pub use compute::{apply, apply_prepared, remeasure, EditContext, MeasureOptions};

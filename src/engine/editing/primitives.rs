@@ -579,21 +579,23 @@ pub(crate) fn optimise_values(
     Ok((out, diag))
 }
 
-/// The value at `site` optimised for each of `reqs` (MEMIT's and AlphaEdit's `z*`): `(d, B)`,
+/// The values at `sites` optimised together for each of `reqs` (MEMIT's and AlphaEdit's `z*`,
+/// PMET's attention and MLP values), of which the one at `sites[keep]` is returned: `(d, B)`,
 /// one column per request, and each optimisation's diagnostics.
 pub(crate) fn optimise_batch(
     model: &dyn CausalLm,
     tok: &Tok,
     reqs: &[&EditRequest],
     templates: &[String],
-    site: Site,
+    sites: &[Site],
+    keep: usize,
     p: &ValueHparams,
 ) -> Result<(Tensor, Vec<Value>), EditError> {
     let mut zs = Vec::with_capacity(reqs.len());
     let mut diag = Vec::with_capacity(reqs.len());
     for r in reqs {
-        let (mut z, d) = optimise_values(model, tok, r, templates, &[site], p)?;
-        zs.push(z.remove(0).target);
+        let (mut z, d) = optimise_values(model, tok, r, templates, sites, p)?;
+        zs.push(z.swap_remove(keep).target);
         diag.push(d);
     }
     Ok((Tensor::stack(&zs, 1)?, diag))

@@ -52,6 +52,9 @@ pub trait CausalLm: Send + Sync {
     /// Token (and, for learned-position models, position) embeddings: `(b, t)` → `(b, t, d)`.
     fn embed(&self, input_ids: &Tensor, fwd: &Forward) -> Result<Tensor>;
 
+    /// Rows of the input embedding (no positions): `(n,)` ids → `(n, d)`.
+    fn token_embeddings(&self, ids: &Tensor) -> Result<Tensor>;
+
     /// Runs blocks `range` starting from hidden state `h` (`(b, t, d)`), applying hooks at sites.
     fn run_layers(&self, h: Tensor, range: Range<usize>, fwd: &mut Forward) -> Result<Tensor>;
 

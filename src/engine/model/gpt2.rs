@@ -180,6 +180,10 @@ impl CausalLm for Gpt2 {
         Ok((tok + pos)?)
     }
 
+    fn token_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.wte.index_select(ids, 0)?)
+    }
+
     fn run_layers(&self, mut h: Tensor, range: Range<usize>, fwd: &mut Forward) -> Result<Tensor> {
         if range.end > self.blocks.len() {
             return Err(ModelError::InvalidInput(format!(
@@ -208,7 +212,8 @@ impl CausalLm for Gpt2 {
             h = (h + a)?;
 
             let x = blk.ln_2.forward(&h, diff)?;
-            let key = fwd.linear(w(Linear::MlpUp), &blk.c_fc, &x)?.gelu()?;
+            let pre = fwd.linear(w(Linear::MlpUp), &blk.c_fc, &x)?;
+            let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpPre), pre)?.gelu()?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
             let m = fwd.linear(w(Linear::MlpDown), &blk.mlp_proj, &key)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;

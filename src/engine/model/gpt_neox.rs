@@ -175,6 +175,10 @@ impl CausalLm for GptNeox {
             .reshape((b, t, self.cfg.hidden_size))?)
     }
 
+    fn token_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed.index_select(ids, 0)?)
+    }
+
     fn run_layers(&self, mut h: Tensor, range: Range<usize>, fwd: &mut Forward) -> Result<Tensor> {
         if range.end > self.blocks.len() {
             return Err(ModelError::InvalidInput(format!(
@@ -216,7 +220,8 @@ impl CausalLm for GptNeox {
                 (&h + &a)?
             };
             let x = blk.ln_post.forward(&mlp_in, diff)?;
-            let key = fwd.linear(w(Linear::MlpUp), &blk.up, &x)?.gelu_erf()?;
+            let pre = fwd.linear(w(Linear::MlpUp), &blk.up, &x)?;
+            let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpPre), pre)?.gelu_erf()?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
             let m = fwd.linear(w(Linear::MlpDown), &blk.down, &key)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;

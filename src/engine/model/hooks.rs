@@ -12,6 +12,9 @@ use super::{ModelError, Result};
 pub enum SiteKind {
     /// Output of the attention block's output projection (before the residual add).
     AttnOut,
+    /// The MLP's first projection before its activation (llama: the gate projection; gpt2 and
+    /// gpt-neox: the up projection), where KN attributes its neurons.
+    MlpPre,
     /// The key `k` entering the MLP's down/out projection (after the activation/gating).
     MlpIn,
     /// Output of the MLP's down/out projection (before the residual add).
@@ -21,11 +24,18 @@ pub enum SiteKind {
 }
 
 impl SiteKind {
-    pub const ALL: [SiteKind; 4] = [Self::AttnOut, Self::MlpIn, Self::MlpOut, Self::Residual];
+    pub const ALL: [SiteKind; 5] = [
+        Self::AttnOut,
+        Self::MlpPre,
+        Self::MlpIn,
+        Self::MlpOut,
+        Self::Residual,
+    ];
 
     fn suffix(self) -> &'static str {
         match self {
             Self::AttnOut => "attn.out",
+            Self::MlpPre => "mlp.pre",
             Self::MlpIn => "mlp.in",
             Self::MlpOut => "mlp.out",
             Self::Residual => "residual",
@@ -33,7 +43,7 @@ impl SiteKind {
     }
 }
 
-/// `layers.{i}.{mlp.in|mlp.out|attn.out|residual}`.
+/// `layers.{i}.{attn.out|mlp.pre|mlp.in|mlp.out|residual}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Site {
     pub layer: usize,

@@ -245,6 +245,10 @@ impl CausalLm for Llama {
         Ok(flat.reshape((b, t, self.cfg.hidden_size))?)
     }
 
+    fn token_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed.index_select(ids, 0)?)
+    }
+
     fn run_layers(&self, mut h: Tensor, range: Range<usize>, fwd: &mut Forward) -> Result<Tensor> {
         if range.end > self.blocks.len() {
             return Err(ModelError::InvalidInput(format!(
@@ -277,7 +281,7 @@ impl CausalLm for Llama {
 
             let x = blk.mlp_norm.forward(&h, diff)?;
             let gate = fwd.linear(w(Linear::MlpGate), &blk.mlp.gate, &x)?;
-            let gate = gate.silu()?;
+            let gate = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpPre), gate)?.silu()?;
             let key = (gate * fwd.linear(w(Linear::MlpUp), &blk.mlp.up, &x)?)?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
             let m = fwd.linear(w(Linear::MlpDown), &blk.mlp.down, &key)?;

@@ -325,6 +325,9 @@ impl CausalLm for Edited<'_> {
     fn embed(&self, input_ids: &Tensor, fwd: &Forward) -> Result<Tensor> {
         self.base.embed(input_ids, fwd)
     }
+    fn token_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
+        self.base.token_embeddings(ids)
+    }
     fn run_layers(&self, h: Tensor, range: Range<usize>, fwd: &mut Forward) -> Result<Tensor> {
         let caller = fwd.swap_overlay((!self.overlay.is_empty()).then(|| self.overlay.clone()));
         let out = self.base.run_layers(h, range, fwd);

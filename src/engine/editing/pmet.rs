@@ -1,0 +1,93 @@
+//! PMET (Li et al., AAAI 2024): precise editing of the FFN's share of a fact.
+//!
+//! For every request, the attention output and the MLP output of the last edited layer (at the
+//! subject's last token) are optimised together so the model predicts the new target; only the
+//! MLP's optimised value is kept. It is then written through the down projections of the edited
+//! layers, lowest first, as MEMIT spreads its residual, except that the missing part is the MLP
+//! output of the last layer and each layer writes `1/√(layers left)` of it (EasyEdit's
+//! `pmet_main.py`); the least squares are MEMIT's, `ΔW = R Kᵀ (λC + KKᵀ)⁻¹`.
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+
+use super::hparams::check_layers;
+use super::memit::{covariance_solve, spread, Target};
+use super::method::{EditInput, MethodHparams, MethodOutput, Resource, TypedMethod};
+use super::primitives::ValueHparams;
+use super::EditError;
+use crate::engine::model::{ModelSpec, SiteKind};
+
+pub struct Pmet;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PmetHparams {
+    /// Strictly increasing layers whose down projections are rewritten (the values are
+    /// optimised at the last).
+    #[schema(min_items = 1)]
+    pub layers: Vec<usize>,
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub value: ValueHparams,
+    /// λ: weight of the key covariance against the new keys in the least squares.
+    #[schema(minimum = 0.0, maximum = 1000000000.0)]
+    pub mom2_update_weight: f64,
+    /// Corpus sequences for the key covariance `C = E[k kᵀ]`.
+    #[schema(minimum = 1, maximum = 1000000)]
+    pub mom2_samples: usize,
+}
+
+impl MethodHparams for PmetHparams {
+    fn check(&self, spec: &ModelSpec) -> Result<(), EditError> {
+        check_layers("layers", &self.layers, spec)
+    }
+}
+
+/// PMET's target: attention and MLP values optimised together, the MLP's written, each layer
+/// writing `1/√(layers left)` of what is missing.
+const FFN_OF_BOTH: Target = Target {
+    optimise: &[SiteKind::AttnOut, SiteKind::MlpOut],
+    written: SiteKind::MlpOut,
+    share: |left| 1.0 / (left as f64).sqrt(),
+};
+
+impl TypedMethod for Pmet {
+    type Hparams = PmetHparams;
+    const NAME: &'static str = "pmet";
+    const DESCRIPTION: &'static str = "Precise model editing in a transformer (Li et al. 2024): the attention and FFN values of the last edited layer optimised together, only the FFN's written through the down projections of several layers with MEMIT's least squares.";
+    const BATCHED: bool = true;
+    const DEFAULTS: &'static str = "pmet";
+
+    fn resources(&self, h: &PmetHparams) -> Vec<Resource> {
+        vec![
+            Resource::ContextTemplates {
+                count: h.value.context_templates,
+                tokens: h.value.context_template_tokens,
+            },
+            Resource::KeyStats {
+                layers: h.layers.clone(),
+                samples: h.mom2_samples,
+            },
+        ]
+    }
+
+    fn compute(&self, input: &EditInput<'_>, h: &PmetHparams) -> Result<MethodOutput, EditError> {
+        let walk = spread(input, &h.layers, &h.value, &FFN_OF_BOTH, |step| {
+            Ok((
+                covariance_solve(input, &step, h.mom2_update_weight)?,
+                json!({}),
+            ))
+        })?;
+        let diagnostics = json!({
+            "layers": h.layers,
+            "z_layer": h.layers.last(),
+            "z_star": walk.z_star,
+            "per_layer": walk.per_layer,
+            "templates": input.resources.templates()?.len(),
+        });
+        Ok(MethodOutput {
+            deltas: walk.deltas,
+            state: Vec::new(),
+            diagnostics,
+        })
+    }
+}

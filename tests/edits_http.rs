@@ -530,3 +530,53 @@ async fn restart_keeps_versions(db: Option<&str>) {
     let v = edit_at(&url, &id, eiffel()).await;
     assert_eq!(v["version"], 4, "{v}");
 }
+
+/// Greedy continuation of `prompt` at the session's current version.
+async fn continue_at(id: &str, prompt: &str) -> String {
+    let (s, v) = post(
+        &format!("/v1/sessions/{id}/generate"),
+        json!({"prompt": prompt, "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["text"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn pmet_moves_the_eiffel_tower_over_http_and_kn_reports_its_neurons() {
+    let mut f = eiffel();
+    f["target_true"] = json!("Paris");
+    f["locality_prompts"] =
+        json!([{"prompt": "The Louvre is located in the city of", "answer": "Paris"}]);
+    let id = new_session_at(server(), json!({})).await;
+    let (s, v) = post(
+        &format!("/v1/sessions/{id}/edits"),
+        json!({"method": "pmet", "edits": [f], "hparams": {"mom2_samples": 400}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let post_edit = &v["versions"][0]["reports"][0]["post"];
+    assert_eq!(post_edit["reliability"], 1.0, "{v}");
+    assert_eq!(post_edit["locality"], 1.0, "{v}");
+    let eiffel_now = continue_at(&id, "The Eiffel Tower is located in the city of").await;
+    assert!(eiffel_now.starts_with(" Rome"), "{eiffel_now:?}");
+    let louvre = continue_at(&id, "The Louvre is located in the city of").await;
+    assert!(louvre.starts_with(" Paris"), "{louvre:?}");
+
+    // KN: what it does is reported, not asserted beyond its own bookkeeping.
+    let id = new_session_at(server(), json!({})).await;
+    let (s, v) = post(
+        &format!("/v1/sessions/{id}/edits"),
+        json!({"method": "kn", "edits": [f]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let made = &v["versions"][0];
+    assert!(made["diagnostics"]["neurons"].as_u64().unwrap() >= 1, "{v}");
+    eprintln!(
+        "KN over HTTP: {} neurons; after the edit \"The Eiffel Tower is located in the city of\" → {:?}, reports {}",
+        made["diagnostics"]["neurons"],
+        continue_at(&id, "The Eiffel Tower is located in the city of").await,
+        made["reports"][0]
+    );
+}

@@ -1,6 +1,7 @@
-//! emend's ROME against an independent PyTorch ROME (`scripts/rome_reference.py`, HF
-//! transformers) on the same model, request, layer, context templates and key statistics: the
-//! rank-one `Δ` must point the same way (cosine ≥ 0.99) and have the same size.
+//! emend's ROME, PMET and AlphaEdit against independent PyTorch implementations
+//! (`scripts/rome_reference.py`, `scripts/spread_reference.py`; HF transformers) on the same
+//! model, request, layers, context templates and key statistics: each low-rank `Δ` must point
+//! the same way (cosine ≥ 0.99) and have the same size.
 mod common;
 
 use candle_core::Tensor;
@@ -94,4 +95,70 @@ fn rome_delta_matches_an_independent_pytorch_rome() {
         ours.abs_diff(theirs) <= 2,
         "v* took {ours} steps here, {theirs} in the reference"
     );
+}
+
+/// PMET's and AlphaEdit's deltas against `scripts/spread_reference.py`, an independent PyTorch
+/// implementation given the same request, templates and statistics: every layer's `ΔW` points
+/// the same way (cosine ≥ 0.99) with the same size.
+#[test]
+fn pmet_and_alphaedit_deltas_match_an_independent_pytorch_implementation() {
+    let m = default_model();
+    for method in ["pmet", "alphaedit"] {
+        let meta: Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                fixtures_dir().join(format!("spread_reference_{method}.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let reference = candle_core::safetensors::load(
+            fixtures_dir().join(format!("spread_reference_{method}.safetensors")),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let req: EditRequest = serde_json::from_value(meta["request"].clone()).unwrap();
+        let hp = meta["hparams"].clone();
+        let ctx = EditContext::new(
+            EditingEnv {
+                stats_dir: emend::setup::cache_dir().join("stats"),
+                data_dir: Some(shared_dir().join("data")),
+            },
+            &m.info,
+        );
+        ctx.pin_templates(
+            hp["context_templates"].as_u64().unwrap() as usize,
+            hp["context_template_tokens"].as_u64().unwrap() as usize,
+            serde_json::from_value(meta["templates"].clone()).unwrap(),
+        );
+        let steps = editing::apply(
+            m,
+            &Overlay::base(),
+            method.parse::<Method>().unwrap(),
+            &[req],
+            &hp,
+            MeasureOptions::default(),
+            &ctx,
+        )
+        .unwrap();
+        let layers: Vec<u64> = serde_json::from_value(hp["layers"].clone()).unwrap();
+        assert_eq!(steps[0].deltas.len(), layers.len(), "{method}");
+        for (delta, layer) in steps[0].deltas.iter().zip(layers) {
+            let Delta::LowRank { weight, u, v } = delta else {
+                panic!("{method} makes low-rank deltas");
+            };
+            assert_eq!(weight.layer as u64, layer);
+            let (u, v) = (flat(u), flat(v));
+            let (ru, rv) = (
+                flat(&reference[&format!("{layer}.u")]),
+                flat(&reference[&format!("{layer}.v")]),
+            );
+            let cos = cosine(&u, &ru) * cosine(&v, &rv);
+            let ratio = norm(&u) * norm(&v) / (norm(&ru) * norm(&rv));
+            assert!(cos >= 0.99, "{method} layer {layer}: cosine {cos}");
+            assert!(
+                (ratio - 1.0).abs() < 0.02,
+                "{method} layer {layer}: ‖Δ‖ / ‖Δ_ref‖ = {ratio}"
+            );
+        }
+    }
 }

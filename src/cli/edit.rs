@@ -316,7 +316,12 @@ fn dump(
     let mut stats_files = Vec::new();
     let mut stats = Vec::new();
     for r in method.imp().resources(h)? {
-        if let Resource::KeyStats { layers, samples } = r {
+        // A null space comes from the same statistics.
+        if let Resource::KeyStats { layers, samples }
+        | Resource::NullSpace {
+            layers, samples, ..
+        } = r
+        {
             let st = ctx.stats.get(
                 m.model.as_ref(),
                 &m.tokenizer,
@@ -383,7 +388,12 @@ pub fn run_stats(g: &Global, a: StatsArgs) -> Result<()> {
     for method in Method::all() {
         let defaults = editing::hparams::defaults(method, spec);
         for r in method.imp().resources(&defaults).unwrap_or_default() {
-            if let Resource::KeyStats { layers, samples } = r {
+            // A null space comes from the same statistics.
+            if let Resource::KeyStats { layers, samples }
+            | Resource::NullSpace {
+                layers, samples, ..
+            } = r
+            {
                 wanted.extend(
                     layers
                         .into_iter()

@@ -281,10 +281,7 @@ fn gradient_sums(
 
 /// Neurons whose score exceeds `fraction` of the largest (none when the largest is not
 /// positive), with their scores, and the largest score.
-fn coarse_neurons(
-    scores: &Tensor,
-    fraction: f64,
-) -> Result<(Vec<Scored>, f32), EditError> {
+fn coarse_neurons(scores: &Tensor, fraction: f64) -> Result<(Vec<Scored>, f32), EditError> {
     let rows: Vec<Vec<f32>> = scores.to_vec2()?;
     let max = rows
         .iter()

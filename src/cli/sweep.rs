@@ -29,7 +29,7 @@ use super::{load, Global};
 
 #[derive(Args)]
 pub struct SweepArgs {
-    /// Comma-separated methods (rome, memit, ft-l, ft-m), each on a fresh overlay of its own
+    /// Comma-separated methods (see `emend methods`), each on a fresh overlay of its own
     /// and drawn as its own line.
     #[arg(long, value_delimiter = ',', default_value = "rome")]
     pub method: Vec<String>,

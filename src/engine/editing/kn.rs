@@ -160,7 +160,7 @@ type Scored = ((usize, usize), f32);
 const ROWS_PER_FORWARD: usize = 32;
 
 /// KN's attribution scores of `prompt` for the true `answer`: `(n_layers, ff)`.
-pub(crate) fn attribute(
+fn attribute(
     model: &dyn CausalLm,
     tok: &Tok,
     prompt: &str,
@@ -341,4 +341,22 @@ fn value_shift(
             .collect::<Vec<_>>())
     };
     Ok((delta, names(&old), names(&new)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn neurons_strictly_above_the_fraction_of_the_largest_score_are_kept() {
+        let s = Tensor::new(&[[1.0f32, 0.2, -3.0], [0.21, 0.0, 0.5]], &Device::Cpu).unwrap();
+        let (kept, max) = coarse_neurons(&s, 0.2).unwrap();
+        assert_eq!(max, 1.0);
+        let at: Vec<(usize, usize)> = kept.iter().map(|k| k.0).collect();
+        assert_eq!(at, [(0, 0), (1, 0), (1, 2)], "0.2 itself is not above 0.2 · 1.0");
+        // No positive score: nothing is attributed, and the edit changes nothing.
+        let s = Tensor::new(&[[-1.0f32, 0.0]], &Device::Cpu).unwrap();
+        assert!(coarse_neurons(&s, 0.2).unwrap().0.is_empty());
+    }
 }

@@ -6,6 +6,10 @@
 //! layers, lowest first, as MEMIT spreads its residual, except that the missing part is the MLP
 //! output of the last layer and each layer writes `1/√(layers left)` of it (EasyEdit's
 //! `pmet_main.py`); the least squares are MEMIT's, `ΔW = R Kᵀ (λC + KKᵀ)⁻¹`.
+//!
+//! The values are optimised as every method here optimises them (stop at NLL < 5·10⁻², or at the
+//! argmax with `early_stop_argmax`); EasyEdit's PMET also lowers the NLL weight to a tenth once
+//! the target is the argmax and stops when the KL term is then small, which is left out.
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
@@ -89,5 +93,18 @@ impl TypedMethod for Pmet {
             state: Vec::new(),
             diagnostics,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pmet_writes_the_root_share_where_memit_writes_the_even_share() {
+        assert_eq!((FFN_OF_BOTH.share)(4), 0.5);
+        assert_eq!((FFN_OF_BOTH.share)(1), 1.0);
+        assert_eq!((Target::RESIDUAL.share)(4), 0.25);
+        assert_eq!(FFN_OF_BOTH.optimise, [SiteKind::AttnOut, SiteKind::MlpOut]);
     }
 }

@@ -81,10 +81,12 @@ def diff_from(model, snap):
         if set(params) != set(snap):
             return float("inf"), sorted(set(params) ^ set(snap)), False
         for k, v in params.items():
-            d = float((v.detach() - snap[k]).abs().max())
-            if d > 0:
-                changed.append(k)
-                worst = max(worst, d)
+            if torch.equal(v.detach(), snap[k]):
+                continue
+            changed.append(k)
+            d = (v.detach() - snap[k]).abs()
+            # NaN/inf weights (a failed update) count as an infinite difference
+            worst = max(worst, float("inf") if not torch.isfinite(d).all() else float(d.max()))
     return worst, changed, True
 
 
@@ -105,6 +107,10 @@ def main() -> int:
     ap.add_argument("--easyedit", default=os.environ.get("EASYEDIT_DIR") or os.path.join(CACHE, "EasyEdit"))
     ap.add_argument("--mom2-corpus", default=os.path.join(CACHE, "corpus", "wikipedia-aa.jsonl"))
     ap.add_argument("--stats-dir", default=os.path.join(CACHE, "stats"))
+    ap.add_argument("--stats-windows", type=int, default=128,
+                    help="read the covariance that easyedit_stats.py --windows N wrote (emend's statistic: the first "
+                         "mom2_n_samples windows of N tokens of the corpus) from <stats-dir>/<corpus>-wN/; 0: EasyEdit's "
+                         "own sampling of whole articles (<stats-dir>/<corpus>/, computed by layer_stats if missing)")
     ap.add_argument("--padding-side", choices=["left", "right"], default=None,
                     help="override the tokenizer padding side BaseEditor chose (default: EasyEdit's choice)")
     ap.add_argument("--no-restore-check", action="store_true", help="skip the per-edit weight comparison")
@@ -155,18 +161,37 @@ def main() -> int:
     p_cache = None
     if needs_cov and (method != "ROME" or getattr(hparams, "mom2_adjustment", False)):
         corpus_name = os.path.splitext(os.path.basename(args.mom2_corpus))[0]
+        if args.stats_windows:
+            corpus_name += f"-w{args.stats_windows}"
         hparams.mom2_adjustment = True
         hparams.stats_dir = os.path.join(os.path.abspath(args.stats_dir), corpus_name)
+        if args.stats_windows:
+            want = [os.path.join(hparams.stats_dir, link_name, f"{hparams.mom2_dataset}_stats",
+                                 f"{hparams.rewrite_module_tmp.format(l)}_{hparams.mom2_dtype}_mom2_{hparams.mom2_n_samples}.npz")
+                    for l in hparams.layers]
+            missing = [w for w in want if not os.path.exists(w)]
+            if missing:
+                raise SystemExit(f"covariance files missing (run easyedit_stats.py --windows {args.stats_windows} "
+                                 f"--layers {','.join(map(str, hparams.layers))} --n-samples {hparams.mom2_n_samples}): {missing}")
         with contextlib.redirect_stdout(sys.stderr):
             n_docs = drv.use_local_corpus(args.mom2_corpus)
         corpus_info = {"corpus": os.path.basename(args.mom2_corpus),
                        "corpus_sha256": drv.sha256_of(args.mom2_corpus)[:16],
                        "corpus_documents": n_docs, "mom2_n_samples": hparams.mom2_n_samples}
-        notes.append(f"covariance: EasyEdit's layer_stats (SecondMoment of the down_proj input) over "
-                     f"{hparams.mom2_n_samples} whole articles (truncated at 8192 tokens) sampled with seed 1 from "
-                     f"the local {n_docs}-article Wikipedia extract {os.path.basename(args.mom2_corpus)} "
-                     f"(EasyEdit: 100,000 articles of wikimedia/wikipedia 20231101.en; emend: 1,000 sequences of "
-                     f"<= 128 tokens)")
+        corpus_info["stats_dir"] = corpus_name
+        if args.stats_windows:
+            notes.append(f"covariance: EasyEdit's SecondMoment of the down_proj input over emend's sample, the first "
+                         f"{hparams.mom2_n_samples} windows of {args.stats_windows} tokens of the local Wikipedia extract "
+                         f"{os.path.basename(args.mom2_corpus)} in file order (precomputed by easyedit_stats.py --windows; "
+                         f"the extract drops article titles, emend's reader keeps them, so the windows are not "
+                         f"identical); EasyEdit's layer_stats would sample {hparams.mom2_n_samples} whole articles "
+                         f"(~0.5 M tokens here; EasyEdit's configs: 100,000 articles of wikimedia/wikipedia)")
+        else:
+            notes.append(f"covariance: EasyEdit's layer_stats (SecondMoment of the down_proj input) over "
+                         f"{hparams.mom2_n_samples} whole articles (truncated at 8192 tokens) sampled with seed 1 from "
+                         f"the local {n_docs}-article Wikipedia extract {os.path.basename(args.mom2_corpus)} "
+                         f"(EasyEdit: 100,000 articles of wikimedia/wikipedia 20231101.en; emend: 1,000 windows of "
+                         f"128 tokens)")
     elif hasattr(hparams, "mom2_adjustment"):
         hparams.mom2_adjustment = False
         hparams.stats_dir = os.path.join(os.path.abspath(args.stats_dir), "unused")
@@ -246,6 +271,7 @@ def main() -> int:
     if args.metrics_out and metrics:
         with open(args.metrics_out, "w", encoding="utf-8") as f:
             json.dump({"metrics": metrics, "written": written, "restore_log": restore_log}, f, indent=1, default=str)
+            # (per-record file: may hold NaN for a failed edit; Python's json reads it back)
 
     # Restoration summary.
     restore_check = None
@@ -260,6 +286,7 @@ def main() -> int:
             "after_last_restore": final_check,
             "params_written_per_edit": sorted({p for w in written for p in w["params_written"]}),
             "edits_that_changed_no_weight": [w["call"] for w in written if not w["params_written"]],
+            "edits_that_wrote_nan_or_inf": [w["call"] for w in written if w["max_abs_update"] == float("inf")],
         }
         if bad:
             notes.append(f"restore check FAILED for {len(bad)} call(s): an edit did not start from the unedited model")
@@ -271,9 +298,9 @@ def main() -> int:
                      "tok.encode(ground_truth) and the edit adds the embedding of tok.encode(target_new): both WITHOUT a "
                      "leading space (e.g. 'English' not ' English'), while the evaluation scores prompt + ' ' + target; "
                      "for SmolLM2's byte-level BPE these are different tokens")
-        notes.append("KN's edit subtracts 2x the embedding of the pre-edit argmax token (or 1x each token for "
-                     "multi-token completions) and adds the target token embedding(s) to the down_proj columns of "
-                     "the selected neurons (EasyEdit modify_weights, mode 'edit')")
+        notes.append("KN's edit (EasyEdit modify_weights, mode 'edit') changes the down_proj columns of the selected "
+                     "neurons: minus 2x the embedding of the pre-edit argmax token (1x each for a multi-token target), "
+                     "plus 1x the embedding of each target_new token")
     if method == "PMET":
         notes.append("PMET (EasyEdit pmet_main.execute_pmet) prefixes target_new with a space only when the model "
                      "name contains 'gpt'; for this llama-named model the z optimisation targets tok.encode('English') "
@@ -284,6 +311,14 @@ def main() -> int:
         notes.append(f"tokenizer padding side during the edit: {padding_side} (BaseEditor sets right padding only for "
                      "ROME/MEMIT/EMMET/EAMET/R-ROME/AlphaEdit/CORE/SPHERE on llama-named models; PMET's compute_zs "
                      "places targets and lookup indices as if padding were on the right)")
+    if args.padding_side:
+        notes.append(f"tokenizer padding side set to {args.padding_side} by the driver (--padding-side), overriding "
+                     "BaseEditor's choice"
+                     + (": BaseEditor leaves PMET on left padding for this llama-named model, and EasyEdit's PMET "
+                        "(compute_zs, rome/repr_tools) places lookup indices and targets as if padding were on the "
+                        "right, so the bare '{}' template (the shortest prompt) reads a pad position: attention init "
+                        "norm 0, weight decay 0/0 = NaN, NaN update in every edited layer (run without the override: "
+                        "pmet-asshipped-n1.json)" if method == "PMET" else ""))
     if method == "AlphaEdit":
         notes.append("AlphaEdit: null-space projection P computed by EasyEdit's get_project from the local-corpus "
                      "covariance (threshold nullspace_threshold on its singular values), cached as "
@@ -291,7 +326,8 @@ def main() -> int:
                      "enter the update (each edit alone)")
     if method == "ROME" and not getattr(hparams, "mom2_adjustment", False):
         notes.append("ROME without covariance (mom2_adjustment false)")
-    notes.append("context templates: EasyEdit's own (generated once per process by the unedited model); emend uses 5")
+    if method in ("ROME", "MEMIT", "PMET", "AlphaEdit"):
+        notes.append("context templates: EasyEdit's own (generated once per process by the unedited model); emend uses 5")
     notes.append("metrics: EasyEdit compute_edit_quality (teacher-forced token accuracy of ' ' + target_new; "
                  "locality = share of post-edit argmax tokens equal to the pre-edit ones on locality_prompt "
                  "teacher-forced with ' ' + locality_ground_truth); success is not computed by EasyEdit")
@@ -333,7 +369,16 @@ def main() -> int:
         "loadavg_start_end": [round(load1, 2), round(os.getloadavg()[0], 2)],
         "notes": notes,
     }
-    line = json.dumps(result)
+    def finite(x):  # the report must be strict JSON (serde_json rejects NaN / Infinity)
+        if isinstance(x, float) and x != x or x in (float("inf"), float("-inf")):
+            return str(x)
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [finite(v) for v in x]
+        return x
+
+    line = json.dumps(finite(result), allow_nan=False)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:

@@ -58,6 +58,12 @@ def main() -> int:
     ap.add_argument("--stats-dir", default=os.path.join(CACHE, "stats"),
                     help="parent; files go under <stats-dir>/<corpus name>/ as in the drivers")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--windows", type=int, default=0,
+                    help="instead of EasyEdit's sampling of whole articles, use emend's statistic: the first "
+                         "--n-samples windows of WINDOWS tokens (windows under 8 tokens skipped) of the corpus "
+                         "documents in file order, batched in runs of up to 16 equal-length windows (no padding); "
+                         "written under <stats-dir>/<corpus name>-w<WINDOWS>/ with the file name EasyEdit's "
+                         "layer_stats looks for")
     ap.add_argument("--check-layer-stats", action="store_true",
                     help="also run EasyEdit's own layer_stats for the first layer into a scratch dir and compare")
     args = ap.parse_args()
@@ -65,6 +71,8 @@ def main() -> int:
     layers = [int(x) for x in args.layers.split(",")]
     model_dir = os.path.abspath(args.model)
     corpus_name = os.path.splitext(os.path.basename(args.mom2_corpus))[0]
+    if args.windows:
+        corpus_name += f"-w{args.windows}"
     stats_dir = os.path.join(os.path.abspath(args.stats_dir), corpus_name)
 
     import numpy as np
@@ -110,7 +118,52 @@ def main() -> int:
           f"{args.n_samples} documents in one pass", file=sys.stderr)
 
     t0 = time.perf_counter()
-    if todo:
+    n_windows = n_tokens = None
+    if todo and args.windows:
+        # emend's key statistic (src/engine/editing/stats.rs compute()): texts in order, each cut
+        # into consecutive windows of `windows` tokens (no special tokens), windows < 8 tokens
+        # skipped, the first n_samples windows; sorted by length, batched in runs of <= 16 equal
+        # lengths. The moment is EasyEdit's SecondMoment of the down_proj input.
+        texts = ls_mod.load_dataset("wikimedia/wikipedia", "20231101.en")["train"]["text"]
+        seqs = []
+        for t in texts:
+            ids = tok.encode(t, add_special_tokens=False)
+            for i in range(0, len(ids), args.windows):
+                w = ids[i:i + args.windows]
+                if len(w) >= 8:
+                    seqs.append(w)
+                if len(seqs) >= args.n_samples:
+                    break
+            if len(seqs) >= args.n_samples:
+                break
+        seqs.sort(key=lambda s: -len(s))
+        batches, i = [], 0
+        while i < len(seqs):
+            j = i + 1
+            while j < len(seqs) and j - i < 16 and len(seqs[j]) == len(seqs[i]):
+                j += 1
+            batches.append(seqs[i:j])
+            i = j
+        stats = {n: rs.CombinedStat(mom2=rs.SecondMoment()) for n in todo}
+        n_tok = 0
+        with torch.no_grad():
+            for bi, b in enumerate(batches):
+                ids = torch.tensor(b)
+                with nethook.TraceDict(model, todo, retain_input=True, retain_output=False, stop=True) as tr:
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                for n in todo:
+                    feats = tr[n].input.reshape(-1, tr[n].input.size(-1)).to(dtype=dtype)
+                    stats[n].add(feats)
+                n_tok += ids.numel()
+                if bi % 10 == 9 or bi == len(batches) - 1:
+                    print(f"[stats] batch {bi + 1}/{len(batches)}: {n_tok} tokens, {time.perf_counter() - t0:.0f} s",
+                          file=sys.stderr, flush=True)
+        for n in todo:
+            stats[n].to_(device="cpu")
+            rs.save_cached_state(fname(n, args.n_samples), stats[n], {"sample_size": args.n_samples})
+            print(f"[stats] wrote {fname(n, args.n_samples)}", file=sys.stderr)
+        n_windows, n_tokens = len(seqs), n_tok
+    elif todo:
         raw = ls_mod.load_dataset("wikimedia/wikipedia", "20231101.en")["train"]
         ds = tokds.TokenizedDataset(raw, tok, maxlen=npos)
         stats = {n: rs.CombinedStat(mom2=rs.SecondMoment()) for n in todo}
@@ -163,7 +216,8 @@ def main() -> int:
     import json
 
     print(json.dumps({"stats_dir": stats_dir, "model_name": model_name, "layers": names,
-                      "n_samples": args.n_samples, "computed": todo, "compute_s": round(compute_s, 1),
+                      "n_samples": args.n_samples, "windows": args.windows or None, "n_windows": n_windows,
+                      "n_tokens": n_tokens, "computed": todo, "compute_s": round(compute_s, 1),
                       "check": check}), file=real_stdout, flush=True)
     return 0
 

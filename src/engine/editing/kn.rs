@@ -354,7 +354,11 @@ mod tests {
         let (kept, max) = coarse_neurons(&s, 0.2).unwrap();
         assert_eq!(max, 1.0);
         let at: Vec<(usize, usize)> = kept.iter().map(|k| k.0).collect();
-        assert_eq!(at, [(0, 0), (1, 0), (1, 2)], "0.2 itself is not above 0.2 · 1.0");
+        assert_eq!(
+            at,
+            [(0, 0), (1, 0), (1, 2)],
+            "0.2 itself is not above 0.2 · 1.0"
+        );
         // No positive score: nothing is attributed, and the edit changes nothing.
         let s = Tensor::new(&[[-1.0f32, 0.0]], &Device::Cpu).unwrap();
         assert!(coarse_neurons(&s, 0.2).unwrap().0.is_empty());

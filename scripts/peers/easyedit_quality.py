@@ -28,6 +28,17 @@ preserve) that restore_after_edit does not touch; the driver passes EasyEdit's o
 reset_cache=True to every AlphaEdit call so that each edit starts from an empty cache, as a fresh
 process would.
 
+Covariance (ROME with mom2_adjustment, MEMIT, PMET, AlphaEdit): by default (--stats-windows 128)
+the cache files that easyedit_stats.py --windows 128 writes: EasyEdit's SecondMoment of the
+down_proj input over emend's sample (the first mom2_n_samples 128-token windows of the local
+Wikipedia extract). --stats-windows 0 lets EasyEdit's layer_stats sample whole articles instead.
+
+    python easyedit_stats.py --windows 128 --layers 3,4,5,6,7 --n-samples 1000   # once, ~4 min
+
+PMET: EasyEdit's BaseEditor leaves PMET on left padding for llama-named models while its
+compute_zs assumes right padding (NaN update, see the report notes); --padding-side right
+overrides that from the driver.
+
 Edit time: wall seconds of each apply_algo call (the algorithm alone, not EasyEdit's pre/post
 evaluation); edit_s_median leaves out the first call (context templates, covariance loading,
 AlphaEdit's null-space projection).

@@ -10,41 +10,14 @@
 //! The values are optimised as every method here optimises them (stop at NLL < 5·10⁻², or at the
 //! argmax with `early_stop_argmax`); EasyEdit's PMET also lowers the NLL weight to a tenth once
 //! the target is the argmax and stops when the KL term is then small, which is left out.
-use serde::{Deserialize, Serialize};
 use serde_json::json;
-use utoipa::ToSchema;
 
-use super::hparams::check_layers;
-use super::memit::{covariance_solve, spread, Target};
-use super::method::{EditInput, MethodHparams, MethodOutput, Resource, TypedMethod};
-use super::primitives::ValueHparams;
+use super::memit::{covariance_solve, spread, MemitHparams, Target};
+use super::method::{EditInput, MethodOutput, Resource, TypedMethod};
 use super::EditError;
-use crate::engine::model::{ModelSpec, SiteKind};
+use crate::engine::model::SiteKind;
 
 pub struct Pmet;
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct PmetHparams {
-    /// Strictly increasing layers whose down projections are rewritten (the values are
-    /// optimised at the last).
-    #[schema(min_items = 1)]
-    pub layers: Vec<usize>,
-    #[serde(flatten)]
-    #[schema(inline)]
-    pub value: ValueHparams,
-    /// λ: weight of the key covariance against the new keys in the least squares.
-    #[schema(minimum = 0.0, maximum = 1000000000.0)]
-    pub mom2_update_weight: f64,
-    /// Corpus sequences for the key covariance `C = E[k kᵀ]`.
-    #[schema(minimum = 1, maximum = 1000000)]
-    pub mom2_samples: usize,
-}
-
-impl MethodHparams for PmetHparams {
-    fn check(&self, spec: &ModelSpec) -> Result<(), EditError> {
-        check_layers("layers", &self.layers, spec)
-    }
-}
 
 /// PMET's target: attention and MLP values optimised together, the MLP's written, each layer
 /// writing `1/√(layers left)` of what is missing.
@@ -55,13 +28,14 @@ const FFN_OF_BOTH: Target = Target {
 };
 
 impl TypedMethod for Pmet {
-    type Hparams = PmetHparams;
+    /// MEMIT's: the same layers, value optimisation, λ and statistics.
+    type Hparams = MemitHparams;
     const NAME: &'static str = "pmet";
     const DESCRIPTION: &'static str = "Precise model editing in a transformer (Li et al. 2024): the attention and FFN values of the last edited layer optimised together, only the FFN's written through the down projections of several layers with MEMIT's least squares.";
     const BATCHED: bool = true;
     const DEFAULTS: &'static str = "pmet";
 
-    fn resources(&self, h: &PmetHparams) -> Vec<Resource> {
+    fn resources(&self, h: &MemitHparams) -> Vec<Resource> {
         vec![
             Resource::ContextTemplates {
                 count: h.value.context_templates,
@@ -74,7 +48,7 @@ impl TypedMethod for Pmet {
         ]
     }
 
-    fn compute(&self, input: &EditInput<'_>, h: &PmetHparams) -> Result<MethodOutput, EditError> {
+    fn compute(&self, input: &EditInput<'_>, h: &MemitHparams) -> Result<MethodOutput, EditError> {
         let walk = spread(input, &h.layers, &h.value, &FFN_OF_BOTH, |step| {
             Ok((
                 covariance_solve(input, &step, h.mom2_update_weight)?,

@@ -123,6 +123,7 @@ impl TypedMethod for AlphaEdit {
         })?;
         let (tok, reqs) = (input.tok, input.requests);
         let templates = input.resources.templates()?;
+        let diagnostics = walk.diagnostics(&h.layers, templates.len());
         let deltas = walk.deltas;
         // The keys this step wrote, read on the model it leaves (as AlphaEdit accumulates them).
         let after = with_step(input, &deltas)?;
@@ -135,13 +136,6 @@ impl TypedMethod for AlphaEdit {
             let cols: Vec<&Tensor> = per_request.iter().map(|ks| &ks[j]).collect();
             state.push(StateEntry::new(keys_name(layer), Tensor::stack(&cols, 1)?));
         }
-        let diagnostics = json!({
-            "layers": h.layers,
-            "z_layer": h.layers.last(),
-            "z_star": walk.z_star,
-            "per_layer": walk.per_layer,
-            "templates": templates.len(),
-        });
         Ok(MethodOutput {
             deltas,
             state,

@@ -55,39 +55,47 @@ impl TypedMethod for Memit {
     const DEFAULTS: &'static str = "memit";
 
     fn resources(&self, h: &MemitHparams) -> Vec<Resource> {
-        vec![
-            Resource::ContextTemplates {
-                count: h.value.context_templates,
-                tokens: h.value.context_template_tokens,
-            },
-            Resource::KeyStats {
-                layers: h.layers.clone(),
-                samples: h.mom2_samples,
-            },
-        ]
+        covariance_resources(h)
     }
 
     fn compute(&self, input: &EditInput<'_>, h: &MemitHparams) -> Result<MethodOutput, EditError> {
-        let walk = spread(input, &h.layers, &h.value, &Target::RESIDUAL, |step| {
-            Ok((
-                covariance_solve(input, &step, h.mom2_update_weight)?,
-                json!({}),
-            ))
-        })?;
-        let diagnostics = json!({
-            "layers": h.layers,
-            "z_layer": h.layers.last(),
-            "z_star": walk.z_star,
-            "per_layer": walk.per_layer,
-            "templates": input.resources.templates()?.len(),
-        });
-        let deltas = walk.deltas;
-        Ok(MethodOutput {
-            deltas,
-            state: Vec::new(),
-            diagnostics,
-        })
+        covariance_walk(input, h, &Target::RESIDUAL)
     }
+}
+
+/// What MEMIT and PMET need: the context templates and the key statistics of their layers.
+pub(super) fn covariance_resources(h: &MemitHparams) -> Vec<Resource> {
+    vec![
+        Resource::ContextTemplates {
+            count: h.value.context_templates,
+            tokens: h.value.context_template_tokens,
+        },
+        Resource::KeyStats {
+            layers: h.layers.clone(),
+            samples: h.mom2_samples,
+        },
+    ]
+}
+
+/// MEMIT's edit towards `target`: the walk over the layers with the covariance least squares
+/// (PMET is this with its own target).
+pub(super) fn covariance_walk(
+    input: &EditInput<'_>,
+    h: &MemitHparams,
+    target: &Target,
+) -> Result<MethodOutput, EditError> {
+    let walk = spread(input, &h.layers, &h.value, target, |step| {
+        Ok((
+            covariance_solve(input, &step, h.mom2_update_weight)?,
+            json!({}),
+        ))
+    })?;
+    let diagnostics = walk.diagnostics(&h.layers, input.resources.templates()?.len());
+    Ok(MethodOutput {
+        deltas: walk.deltas,
+        state: Vec::new(),
+        diagnostics,
+    })
 }
 
 /// MEMIT's least squares against the key covariance: `X = (λC + KKᵀ)⁻¹K`, solved as
@@ -137,6 +145,19 @@ pub(super) struct Spread {
     pub deltas: Vec<Delta>,
     pub per_layer: Vec<Value>,
     pub z_star: Vec<Value>,
+}
+
+impl Spread {
+    /// The diagnostics every spreading method reports.
+    pub fn diagnostics(&self, layers: &[usize], templates: usize) -> Value {
+        json!({
+            "layers": layers,
+            "z_layer": layers.last(),
+            "z_star": self.z_star,
+            "per_layer": self.per_layer,
+            "templates": templates,
+        })
+    }
 }
 
 /// MEMIT's walk, shared by the methods that spread a batch over layers: `z*` for every request

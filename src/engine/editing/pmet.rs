@@ -10,9 +10,7 @@
 //! The values are optimised as every method here optimises them (stop at NLL < 5·10⁻², or at the
 //! argmax with `early_stop_argmax`); EasyEdit's PMET also lowers the NLL weight to a tenth once
 //! the target is the argmax and stops when the KL term is then small, which is left out.
-use serde_json::json;
-
-use super::memit::{covariance_solve, spread, MemitHparams, Target};
+use super::memit::{covariance_resources, covariance_walk, MemitHparams, Target};
 use super::method::{EditInput, MethodOutput, Resource, TypedMethod};
 use super::EditError;
 use crate::engine::model::SiteKind;
@@ -36,37 +34,11 @@ impl TypedMethod for Pmet {
     const DEFAULTS: &'static str = "pmet";
 
     fn resources(&self, h: &MemitHparams) -> Vec<Resource> {
-        vec![
-            Resource::ContextTemplates {
-                count: h.value.context_templates,
-                tokens: h.value.context_template_tokens,
-            },
-            Resource::KeyStats {
-                layers: h.layers.clone(),
-                samples: h.mom2_samples,
-            },
-        ]
+        covariance_resources(h)
     }
 
     fn compute(&self, input: &EditInput<'_>, h: &MemitHparams) -> Result<MethodOutput, EditError> {
-        let walk = spread(input, &h.layers, &h.value, &FFN_OF_BOTH, |step| {
-            Ok((
-                covariance_solve(input, &step, h.mom2_update_weight)?,
-                json!({}),
-            ))
-        })?;
-        let diagnostics = json!({
-            "layers": h.layers,
-            "z_layer": h.layers.last(),
-            "z_star": walk.z_star,
-            "per_layer": walk.per_layer,
-            "templates": input.resources.templates()?.len(),
-        });
-        Ok(MethodOutput {
-            deltas: walk.deltas,
-            state: Vec::new(),
-            diagnostics,
-        })
+        covariance_walk(input, h, &FFN_OF_BOTH)
     }
 }
 

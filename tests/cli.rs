@@ -422,3 +422,40 @@ fn bench_eval_times_tasks_beside_the_peer_and_writes_its_section() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("limit"), "{}", stderr(&o));
 }
+
+#[test]
+fn chart_draws_separate_sweeps_as_one_curve() {
+    let dir = std::env::temp_dir().join(format!("emend-chart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    let curve = r#"{"columns": ["method", "n_edits", "version", "edit.reliability", "lambada_openai.acc"],
+        "rows": [["rome", 0, 0, null, 0.3], ["rome", 10, 10, 1.0, 0.25]]}"#;
+    std::fs::write(dir.join("a/curve.json"), curve).unwrap();
+    std::fs::write(dir.join("b.json"), curve).unwrap();
+    let (a, b, out) = (
+        dir.join("a").display().to_string(),
+        dir.join("b.json").display().to_string(),
+        dir.join("out").display().to_string(),
+    );
+    let o = emend(&[
+        "chart",
+        "--curve",
+        &a,
+        "--curve",
+        &format!("rome+early-stop={b}"),
+        "--out",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let csv = std::fs::read_to_string(dir.join("out/curve.csv")).unwrap();
+    assert_eq!(
+        csv,
+        "method,n_edits,version,edit.reliability,lambada_openai.acc\n\
+         rome,0,0,,0.3\nrome,10,10,1,0.25\n\
+         rome+early-stop,0,0,,0.3\nrome+early-stop,10,10,1,0.25\n"
+    );
+    // The same method twice without a label is two lines of one name: refused.
+    let o = emend(&["chart", "--curve", &a, "--curve", &b, "--out", &out]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("give one a LABEL="), "{}", stderr(&o));
+}

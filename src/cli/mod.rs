@@ -93,6 +93,8 @@ pub enum Command {
     /// The paper's protocol in-process: edits one by one, benchmarks at checkpoints; writes
     /// curve.csv, curve.json and curve.svg.
     Sweep(sweep::SweepArgs),
+    /// Draw the curves of several sweeps (their curve.json) as one table and chart.
+    Chart(sweep::ChartArgs),
 }
 
 #[derive(Args)]
@@ -314,6 +316,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Methods => edit::run_methods(&g)?,
         Command::Eval(a) => eval::run(&g, a)?,
         Command::Sweep(a) => sweep::run(&g, a)?,
+        Command::Chart(a) => sweep::chart(a)?,
     }
     Ok(())
 }

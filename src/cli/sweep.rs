@@ -20,7 +20,7 @@ use emend::engine::eval::{evaluate, get_task, EvalOptions, ModelBackend};
 use emend::engine::model::LoadedModel;
 use emend::engine::overlay::{Edited, Overlay, PreparedOverlay};
 use emend::jobs::chart::{self, ChartError};
-use emend::jobs::curve::{curve_csv, curve_json};
+use emend::jobs::curve::{curve_csv, curve_json, curve_rows};
 use emend::jobs::sweep::{check_hparams, check_methods, title, SweepSpec};
 use emend::jobs::sweep_loop::{drive, Start, SweepFront};
 use emend::jobs::CurveRow;
@@ -61,6 +61,63 @@ pub struct SweepArgs {
     /// Directory for curve.csv, curve.json, curve.svg and curve.png (created if missing).
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ChartArgs {
+    /// A curve to draw: `[LABEL=]PATH`, PATH a sweep's `--out` directory or its curve.json
+    /// (also a sweep job's `/curve`). LABEL renames a one-method curve's line, e.g.
+    /// `rome+early-stop=sweeps/rome-es`. Repeatable; lines keep this order.
+    #[arg(long = "curve", required = true)]
+    pub curves: Vec<String>,
+    #[arg(long, default_value = "Sequential editing")]
+    pub title: String,
+    /// Directory for the combined curve.csv, curve.json, curve.svg and curve.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `emend chart`: curves of separate sweeps (run one method per process or machine) as one
+/// table and chart.
+pub fn chart(a: ChartArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    for spec in &a.curves {
+        let (label, path) = match spec.split_once('=') {
+            Some((l, p)) => (Some(l.trim()), PathBuf::from(p)),
+            None => (None, PathBuf::from(spec)),
+        };
+        let file = if path.is_dir() {
+            path.join("curve.json")
+        } else {
+            path
+        };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let table: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", file.display()))?;
+        let mut curve = curve_rows(&table).with_context(|| file.display().to_string())?;
+        if let Some(label) = label {
+            let first = curve.first().map(|r| r.method.clone()).unwrap_or_default();
+            if curve.iter().any(|r| r.method != first) {
+                bail!(
+                    "{}: LABEL= renames a one-method curve; this one has several",
+                    file.display()
+                );
+            }
+            curve.iter_mut().for_each(|r| r.method = label.to_string());
+        }
+        if let Some(dup) = curve
+            .iter()
+            .find(|r| rows.iter().any(|o: &CurveRow| o.method == r.method))
+        {
+            bail!("two curves draw method `{}`: give one a LABEL=", dup.method);
+        }
+        rows.extend(curve);
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    write_curve(&a.out, &rows, &a.title)?;
+    print!("{}", curve_csv(&rows));
+    Ok(())
 }
 
 fn write_curve(out: &Path, rows: &[CurveRow], title: &str) -> Result<()> {

@@ -174,6 +174,8 @@ struct Queued {
     work: Work,
     lane: Lane,
     admitted: Instant,
+    /// Put back after a piece of its preparation ran (its queue wait is already recorded).
+    resumed: bool,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -185,6 +187,9 @@ pub struct EngineLimits {
     pub max_batch: usize,
     /// Tokens per scoring forward.
     pub token_budget: usize,
+    /// How long the engine works on an edit's missing resources (key statistics, null spaces)
+    /// before it serves the other lanes again (at least one piece: one layer of one batch).
+    pub preparation_slice: Duration,
 }
 
 impl Default for EngineLimits {
@@ -193,6 +198,7 @@ impl Default for EngineLimits {
             lane_capacity: [64, 16, 256],
             max_batch: 8,
             token_budget: super::model::score::DEFAULT_TOKEN_BUDGET,
+            preparation_slice: Duration::from_millis(50),
         }
     }
 }
@@ -357,6 +363,7 @@ impl Engine {
             work,
             lane,
             admitted: Instant::now(),
+            resumed: false,
             _permit: permit,
         });
         self.shared.wake.notify_one();

@@ -113,6 +113,71 @@ pub fn curve_json(rows: &[CurveRow]) -> Value {
     serde_json::json!({"columns": cols, "rows": data})
 }
 
+/// A curve table that [`curve_rows`] cannot read.
+#[derive(Debug, thiserror::Error)]
+#[error("not a curve table ({0}): expected {{\"columns\": [\"method\", \"n_edits\", \"version\", ...], \"rows\": [[...], ...]}} as curve.json holds")]
+pub struct CurveShapeError(String);
+
+/// The rows of a curve table written by [`curve_json`] (its inverse; `finished_at` is not in
+/// the table and comes back empty).
+pub fn curve_rows(table: &Value) -> Result<Vec<CurveRow>, CurveShapeError> {
+    let bad = |why: &str| CurveShapeError(why.to_string());
+    let cols: Vec<&str> = table["columns"]
+        .as_array()
+        .ok_or_else(|| bad("no columns"))?
+        .iter()
+        .map(|c| {
+            c.as_str()
+                .ok_or_else(|| bad("a column name is not a string"))
+        })
+        .collect::<Result<_, _>>()?;
+    if cols.get(..3) != Some(&["method", "n_edits", "version"][..]) {
+        return Err(bad("the first columns are not method, n_edits, version"));
+    }
+    let lines = table["rows"].as_array().ok_or_else(|| bad("no rows"))?;
+    lines
+        .iter()
+        .map(|line| {
+            let cells = line.as_array().filter(|c| c.len() == cols.len());
+            let cells = cells.ok_or_else(|| bad("a row's length differs from the columns'"))?;
+            // Every cell but the method is written as a float.
+            let count = |i: usize| {
+                cells[i]
+                    .as_f64()
+                    .filter(|x| *x >= 0.0 && x.fract() == 0.0)
+                    .map(|x| x as u64)
+                    .ok_or_else(|| bad("n_edits and version must be whole numbers"))
+            };
+            let mut row = CurveRow {
+                method: cells[0]
+                    .as_str()
+                    .ok_or_else(|| bad("a method is not a string"))?
+                    .into(),
+                n_edits: count(1)? as usize,
+                version: count(2)?,
+                edit: BTreeMap::new(),
+                edit_at_apply: BTreeMap::new(),
+                tasks: BTreeMap::new(),
+                finished_at: String::new(),
+            };
+            for (col, x) in cols.iter().zip(cells).skip(3) {
+                let Some(x) = x.as_f64() else { continue };
+                if let Some(k) = col.strip_prefix("edit_at_apply.") {
+                    row.edit_at_apply.insert(k.into(), x);
+                } else if let Some(k) = col.strip_prefix("edit.") {
+                    row.edit.insert(k.into(), x);
+                } else {
+                    let (t, m) = col
+                        .split_once('.')
+                        .ok_or_else(|| bad("a column without a dot"))?;
+                    row.tasks.entry(t.into()).or_default().insert(m.into(), x);
+                }
+            }
+            Ok(row)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +219,21 @@ mod tests {
         assert_eq!(j["rows"][2][0], "ft-m");
         assert_eq!(j["rows"][0][3], Value::Null);
         assert_eq!(j["rows"][1][4], 0.25);
+        let back = curve_rows(&j).unwrap();
+        assert_eq!(curve_csv(&back), curve_csv(&rows));
+        assert_eq!(back[1].edit["reliability"], 0.75);
+        assert_eq!(back[2].tasks["arc_easy"]["perplexity"], 30.5);
+    }
+
+    #[test]
+    fn a_table_of_another_shape_is_refused() {
+        for bad in [
+            serde_json::json!([]),
+            serde_json::json!({"columns": ["n_edits"], "rows": []}),
+            serde_json::json!({"columns": ["method", "n_edits", "version"], "rows": [["rome", 1]]}),
+            serde_json::json!({"columns": ["method", "n_edits", "version"], "rows": [["rome", 1.5, 1]]}),
+        ] {
+            assert!(curve_rows(&bad).is_err(), "{bad}");
+        }
     }
 }

@@ -23,7 +23,7 @@ use crate::engine::overlay::{Edited, Overlay, PreparedOverlay};
 /// and context templates), computed on the base model once.
 pub struct EditContext {
     pub stats: StatsCache,
-    null_spaces: NullSpaceCache,
+    pub(super) null_spaces: NullSpaceCache,
     pub model_sha256: String,
     templates: Mutex<TemplateCache>,
 }
@@ -48,6 +48,14 @@ impl EditContext {
             .lock()
             .expect("templates lock")
             .insert((n, tokens), Arc::new(templates));
+    }
+
+    /// Whether the `(n, tokens)` context templates are sampled already.
+    pub(super) fn has_templates(&self, n: usize, tokens: usize) -> bool {
+        self.templates
+            .lock()
+            .expect("templates lock")
+            .contains_key(&(n, tokens))
     }
 
     /// The context templates ROME and MEMIT average keys over (sampled once per process).

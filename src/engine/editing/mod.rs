@@ -21,6 +21,7 @@ pub mod method;
 pub mod metrics;
 pub mod primitives;
 pub mod stats;
+pub mod stats_pass;
 
 mod alphaedit;
 mod compute;
@@ -29,6 +30,7 @@ mod kn;
 mod memit;
 mod nullspace;
 mod pmet;
+mod prepare;
 mod rome;
 
 pub use compute::{apply, apply_prepared, remeasure, EditContext, MeasureOptions};
@@ -38,6 +40,7 @@ pub use method::{
     methods, EditInput, EditMethod, Method, MethodInfo, MethodOutput, Resource, Resources,
 };
 pub use metrics::{EditMetrics, EditReport, PromptScore};
+pub use prepare::Preparation;
 pub use rome::RomeHparams;
 
 /// Longest target (tokens) an edit may ask for.

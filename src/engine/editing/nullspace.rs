@@ -47,7 +47,27 @@ pub struct NullSpaceCache {
     memory: Mutex<HashMap<PathBuf, Arc<NullSpace>>>,
 }
 
+/// Where the null space of the statistic stored at `stats_file` is cached.
+fn path_of(stats_file: &Path, threshold: f64) -> PathBuf {
+    let stem = stats_file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    stats_file.with_file_name(format!("nullspace-{stem}-t{threshold:e}.safetensors"))
+}
+
 impl NullSpaceCache {
+    /// Whether the null space below `threshold` of the statistic stored at `stats_file` is in
+    /// memory or on disk.
+    pub fn cached(&self, stats_file: &Path, threshold: f64) -> bool {
+        let path = path_of(stats_file, threshold);
+        self.memory
+            .lock()
+            .expect("null-space lock")
+            .contains_key(&path)
+            || path.is_file()
+    }
+
     /// The null space of `stats` (stored at `stats_file`) below `threshold`.
     pub fn get(
         &self,
@@ -55,12 +75,7 @@ impl NullSpaceCache {
         stats_file: &Path,
         threshold: f64,
     ) -> Result<Arc<NullSpace>, EditError> {
-        let stem = stats_file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let path =
-            stats_file.with_file_name(format!("nullspace-{stem}-t{threshold:e}.safetensors"));
+        let path = path_of(stats_file, threshold);
         if let Some(n) = self.memory.lock().expect("null-space lock").get(&path) {
             return Ok(n.clone());
         }
@@ -81,6 +96,19 @@ impl NullSpaceCache {
             .insert(path, ns.clone());
         Ok(ns)
     }
+}
+
+/// Computes the null space of `stats` (stored at `stats_file`) below `threshold` into its cache
+/// file, for [`NullSpaceCache::get`] to read (run off the engine thread: an f64
+/// eigendecomposition takes seconds).
+pub fn compute_to_disk(
+    stats: &LayerStats,
+    stats_file: &Path,
+    threshold: f64,
+) -> Result<(), EditError> {
+    let path = path_of(stats_file, threshold);
+    write(&path, &compute(stats, threshold))
+        .map_err(|e| EditError::Stats(format!("{}: {e}", path.display())))
 }
 
 fn compute(stats: &LayerStats, threshold: f64) -> NullSpace {

@@ -31,39 +31,51 @@ pub(crate) fn context_templates(
     n: usize,
     tokens: usize,
 ) -> Result<Vec<String>, EditError> {
-    const SEEDS: [&str; 5] = ["The", "Therefore", "Because", "I", "You"];
     let mut out = vec!["{}".to_string()];
     for i in 0..n {
-        let len = if i < n / 2 {
-            (tokens / 2).max(1)
-        } else {
-            tokens
-        };
-        let seed = SEEDS[i % SEEDS.len()];
-        let ids = tok.encode(seed)?;
-        let g = generate(
-            base,
-            tok,
-            std::slice::from_ref(&ids),
-            &GenParams {
-                max_tokens: len,
-                sampling: Sampling {
-                    temperature: 1.0,
-                    top_k: Some(5),
-                    top_p: None,
-                    seed: i as u64,
-                },
-                stop: Vec::new(),
-                stop_at_eos: false,
-            },
-            &mut |_, _| {},
-        )?;
-        let text = format!("{seed}{}", g[0].text)
-            .replace(['{', '}'], " ")
-            .replace('\n', " ");
-        out.push(format!("{}. {{}}", text.trim_end()));
+        out.push(context_template(base, tok, i, n, tokens)?);
     }
     Ok(out)
+}
+
+/// Template `i` of [`context_templates`]' `n` (after the bare `{}`), on its own: the engine
+/// makes them one at a time between other work.
+pub(crate) fn context_template(
+    base: &dyn CausalLm,
+    tok: &Tok,
+    i: usize,
+    n: usize,
+    tokens: usize,
+) -> Result<String, EditError> {
+    const SEEDS: [&str; 5] = ["The", "Therefore", "Because", "I", "You"];
+    let len = if i < n / 2 {
+        (tokens / 2).max(1)
+    } else {
+        tokens
+    };
+    let seed = SEEDS[i % SEEDS.len()];
+    let ids = tok.encode(seed)?;
+    let g = generate(
+        base,
+        tok,
+        std::slice::from_ref(&ids),
+        &GenParams {
+            max_tokens: len,
+            sampling: Sampling {
+                temperature: 1.0,
+                top_k: Some(5),
+                top_p: None,
+                seed: i as u64,
+            },
+            stop: Vec::new(),
+            stop_at_eos: false,
+        },
+        &mut |_, _| {},
+    )?;
+    let text = format!("{seed}{}", g[0].text)
+        .replace(['{', '}'], " ")
+        .replace('\n', " ");
+    Ok(format!("{}. {{}}", text.trim_end()))
 }
 
 /// A prompt with the subject filled in and the token index of the subject's last token.

@@ -5,21 +5,20 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::stats_pass::StatsPass;
 use super::EditError;
 use crate::engine::model::generate::{generate, GenParams};
 use crate::engine::model::sampling::Sampling;
-use crate::engine::model::{CausalLm, Forward, Hooks, Positions, Site, SiteKind, Tok};
+use crate::engine::model::{CausalLm, Tok};
 
 /// Tokens per corpus sequence.
 pub const SEQ_TOKENS: usize = 128;
-/// Sequences per forward pass.
-const BATCH: usize = 16;
 
 /// Where a statistic came from, stored with it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,6 +45,15 @@ pub struct LayerStats {
 }
 
 impl LayerStats {
+    pub(crate) fn new(mom2: Vec<f64>, dim: usize, provenance: Provenance) -> Self {
+        Self {
+            mom2,
+            dim,
+            provenance,
+            inverse: Mutex::new(None),
+        }
+    }
+
     /// `C⁻¹` (row-major, f64), from a Cholesky factorisation with a tiny ridge for safety.
     pub fn inverse(&self) -> Result<Arc<Vec<f64>>, EditError> {
         let mut slot = self.inverse.lock().expect("stats lock");
@@ -96,10 +104,10 @@ pub struct StatsCache {
 }
 
 /// The text the statistics are computed over.
-struct Corpus {
-    name: String,
-    sha256: String,
-    texts: Vec<String>,
+pub(crate) struct Corpus {
+    pub(crate) name: String,
+    pub(crate) sha256: String,
+    pub(crate) texts: Vec<String>,
 }
 
 impl StatsCache {
@@ -232,6 +240,84 @@ impl StatsCache {
         ))
     }
 
+    fn corpus_sha(&self) -> String {
+        match self.corpus() {
+            Some(c) => c.sha256.clone(),
+            None => "generated".into(),
+        }
+    }
+
+    /// Those of `layers` whose statistics are neither in memory nor on disk (files found on
+    /// disk are loaded into memory).
+    pub fn missing(
+        &self,
+        model_sha256: &str,
+        layers: &[usize],
+        samples: usize,
+    ) -> Result<Vec<usize>, EditError> {
+        let corpus_sha = self.corpus_sha();
+        let key = |l: usize| (model_sha256.to_string(), l, samples, corpus_sha.clone());
+        let mut missing = Vec::new();
+        let mut mem = self.memory.lock().expect("stats lock");
+        for &l in layers {
+            if mem.contains_key(&key(l)) {
+                continue;
+            }
+            match read(&self.path(&key(l))) {
+                Some(s) => {
+                    if s.inverse.lock().expect("stats lock").is_none() {
+                        // A file from before inverses were cached: add it once.
+                        s.inverse()?;
+                        if let Err(e) = write(&self.path(&key(l)), &s) {
+                            tracing::warn!(error = %e, "could not cache statistics on disk");
+                        }
+                    }
+                    mem.insert(key(l), Arc::new(s));
+                }
+                None => missing.push(l),
+            }
+        }
+        Ok(missing)
+    }
+
+    /// A pass that computes the statistics of `layers` (run it, then [`Self::store`] what it
+    /// finishes with).
+    pub fn begin(
+        &self,
+        model: &dyn CausalLm,
+        tok: &Tok,
+        model_sha256: &str,
+        layers: &[usize],
+        samples: usize,
+    ) -> Result<StatsPass, EditError> {
+        let corpus = match self.corpus() {
+            Some(c) => c,
+            None => Arc::new(Self::generated(model, tok, samples)?),
+        };
+        StatsPass::new(model, tok, &corpus, layers, samples, model_sha256)
+    }
+
+    /// Keeps a layer's finished statistics, in memory and on disk, with their inverse (it costs
+    /// seconds per layer, f64 Cholesky: computed once, stored with `C`).
+    pub fn store(&self, s: LayerStats) -> Result<Arc<LayerStats>, EditError> {
+        s.inverse()?;
+        let p = &s.provenance;
+        let k = (
+            p.model_sha256.clone(),
+            p.layer,
+            p.samples,
+            self.corpus_sha(),
+        );
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| EditError::Stats(format!("{}: {e}", self.dir.display())))?;
+        if let Err(e) = write(&self.path(&k), &s) {
+            tracing::warn!(error = %e, "could not cache statistics on disk");
+        }
+        let s = Arc::new(s);
+        self.memory.lock().expect("stats lock").insert(k, s.clone());
+        Ok(s)
+    }
+
     /// Statistics of `layers`, computing (in one pass over the corpus) those not cached.
     pub fn get(
         &self,
@@ -241,185 +327,26 @@ impl StatsCache {
         layers: &[usize],
         samples: usize,
     ) -> Result<Vec<Arc<LayerStats>>, EditError> {
-        let corpus = self.corpus();
-        let corpus_sha = match &corpus {
-            Some(c) => c.sha256.clone(),
-            None => "generated".into(),
-        };
-        let key = |l: usize| (model_sha256.to_string(), l, samples, corpus_sha.clone());
-        let mut missing = Vec::new();
-        {
-            let mut mem = self.memory.lock().expect("stats lock");
-            for &l in layers {
-                if mem.contains_key(&key(l)) {
-                    continue;
-                }
-                match read(&self.path(&key(l))) {
-                    Some(s) => {
-                        if s.inverse.lock().expect("stats lock").is_none() {
-                            // A file from before inverses were cached: add it once.
-                            s.inverse()?;
-                            if let Err(e) = write(&self.path(&key(l)), &s) {
-                                tracing::warn!(error = %e, "could not cache statistics on disk");
-                            }
-                        }
-                        mem.insert(key(l), Arc::new(s));
-                    }
-                    None => missing.push(l),
-                }
-            }
-        }
+        let missing = self.missing(model_sha256, layers, samples)?;
         if !missing.is_empty() {
-            let corpus = match corpus {
-                Some(c) => c,
-                None => Arc::new(Self::generated(model, tok, samples)?),
-            };
-            let computed = compute(model, tok, &corpus, &missing, samples, model_sha256)?;
-            std::fs::create_dir_all(&self.dir)
-                .map_err(|e| EditError::Stats(format!("{}: {e}", self.dir.display())))?;
-            let mut mem = self.memory.lock().expect("stats lock");
-            for s in computed {
-                // C⁻¹ costs seconds per layer (f64 Cholesky): cache it with C.
-                s.inverse()?;
-                let k = (
-                    model_sha256.to_string(),
-                    s.provenance.layer,
-                    samples,
-                    corpus_sha.clone(),
-                );
-                if let Err(e) = write(&self.path(&k), &s) {
-                    tracing::warn!(error = %e, "could not cache statistics on disk");
-                }
-                mem.insert(k, Arc::new(s));
+            let mut pass = self.begin(model, tok, model_sha256, &missing, samples)?;
+            pass.advance(model, Duration::MAX)?;
+            for s in pass.finish() {
+                self.store(s)?;
             }
         }
+        let corpus_sha = self.corpus_sha();
         let mem = self.memory.lock().expect("stats lock");
-        Ok(layers
+        layers
             .iter()
-            .map(|&l| mem[&key(l)].clone())
-            .collect::<Vec<_>>())
+            .map(|&l| {
+                let k = (model_sha256.to_string(), l, samples, corpus_sha.clone());
+                mem.get(&k).cloned().ok_or_else(|| {
+                    EditError::Stats(format!("the statistics of layer {l} were not kept"))
+                })
+            })
+            .collect()
     }
-}
-
-/// One pass over the corpus: `Σ k kᵀ` at every layer in `layers`.
-fn compute(
-    model: &dyn CausalLm,
-    tok: &Tok,
-    corpus: &Corpus,
-    layers: &[usize],
-    samples: usize,
-    model_sha256: &str,
-) -> Result<Vec<LayerStats>, EditError> {
-    let start = Instant::now();
-    let _span =
-        tracing::info_span!("key_statistics", layers = ?layers, samples, corpus = %corpus.name)
-            .entered();
-    let dev = model.device().clone();
-    let ff = model.spec().intermediate_size;
-    let top = *layers.iter().max().expect("at least one layer");
-    // Sequences of up to SEQ_TOKENS tokens: each text cut into windows.
-    let mut seqs: Vec<Vec<u32>> = Vec::new();
-    'outer: for t in &corpus.texts {
-        let ids = tok.encode_plain(t)?;
-        for w in ids.chunks(SEQ_TOKENS) {
-            if w.len() < 8 {
-                continue;
-            }
-            seqs.push(w.to_vec());
-            if seqs.len() >= samples {
-                break 'outer;
-            }
-        }
-    }
-    if seqs.is_empty() {
-        return Err(EditError::Stats(format!(
-            "the corpus `{}` holds no text",
-            corpus.name
-        )));
-    }
-    // Equal lengths batch without padding; sort so batches are near-uniform.
-    seqs.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let mut acc: Vec<Tensor> = layers
-        .iter()
-        .map(|_| Tensor::zeros((ff, ff), DType::F32, &dev))
-        .collect::<Result<_, _>>()?;
-    let mut sums: Vec<Vec<f64>> = vec![vec![0.0; ff * ff]; layers.len()];
-    let mut tokens = 0usize;
-    // Batches of equal-length sequences (every sequence is used; the sort makes runs long).
-    let mut batches: Vec<&[Vec<u32>]> = Vec::new();
-    let mut i = 0;
-    while i < seqs.len() {
-        let width = seqs[i].len();
-        let mut j = i + 1;
-        while j < seqs.len() && j - i < BATCH && seqs[j].len() == width {
-            j += 1;
-        }
-        batches.push(&seqs[i..j]);
-        i = j;
-    }
-    for (bi, chunk) in batches.into_iter().enumerate() {
-        let width = chunk[0].len();
-        let b = chunk.len();
-        let ids: Vec<u32> = chunk.iter().flat_map(|s| s.iter().copied()).collect();
-        let input = Tensor::from_vec(ids, (b, width), &dev)?;
-        let mut hooks = Hooks::new();
-        for &l in layers {
-            hooks = hooks.read(Site::new(l, SiteKind::MlpIn), Positions::All);
-        }
-        {
-            let mut fwd = Forward::new(b, width, &dev).with_hooks(&mut hooks);
-            let e = model.embed(&input, &fwd)?;
-            model.run_layers(e, 0..top + 1, &mut fwd)?;
-        }
-        for (i, &l) in layers.iter().enumerate() {
-            let k = hooks
-                .take(Site::new(l, SiteKind::MlpIn))
-                .expect("key read")
-                .to_dtype(DType::F32)?
-                .reshape((b * width, ff))?;
-            acc[i] = (&acc[i] + k.t()?.matmul(&k)?)?;
-        }
-        tokens += b * width;
-        // Fold the f32 partial sums into f64 now and then, so long runs keep their precision.
-        if bi % 8 == 7 {
-            for (i, a) in acc.iter_mut().enumerate() {
-                fold(&mut sums[i], a)?;
-                *a = a.zeros_like()?;
-            }
-        }
-    }
-    for (i, a) in acc.iter().enumerate() {
-        fold(&mut sums[i], a)?;
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    tracing::info!(tokens, seconds, "key statistics computed");
-    Ok(layers
-        .iter()
-        .zip(sums)
-        .map(|(&layer, s)| LayerStats {
-            mom2: s.into_iter().map(|x| x / tokens as f64).collect(),
-            dim: ff,
-            provenance: Provenance {
-                model_sha256: model_sha256.to_string(),
-                layer,
-                samples,
-                sequences: seqs.len(),
-                tokens,
-                corpus: corpus.name.clone(),
-                corpus_sha256: corpus.sha256.clone(),
-                seconds,
-            },
-            inverse: Mutex::new(None),
-        })
-        .collect())
-}
-
-fn fold(sum: &mut [f64], t: &Tensor) -> Result<(), EditError> {
-    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-    for (s, x) in sum.iter_mut().zip(v) {
-        *s += x as f64;
-    }
-    Ok(())
 }
 
 fn write(path: &Path, s: &LayerStats) -> Result<(), String> {

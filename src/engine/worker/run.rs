@@ -76,6 +76,7 @@ pub(super) fn worker(shared: Arc<Shared>, model: LoadedModel, env: editing::Edit
         prefix_kv: PrefixKv::default(),
     };
     let edit_ctx = editing::EditContext::new(env, &model.info);
+    let mut preparing: Option<editing::Preparation> = None;
     loop {
         let batch = {
             let mut lanes = shared.lanes.lock().expect("engine queue lock");
@@ -94,13 +95,16 @@ pub(super) fn worker(shared: Arc<Shared>, model: LoadedModel, env: editing::Edit
                 lanes = shared.wake.wait(lanes).expect("engine queue lock");
             }
         };
-        for q in &batch {
+        for q in batch.iter().filter(|q| !q.resumed) {
             shared
                 .metrics
                 .queue_wait_seconds
                 .with_label_values(&[q.lane.name()])
                 .observe(q.admitted.elapsed().as_secs_f64());
         }
+        let Some(batch) = prepare_first(&model, &shared, &edit_ctx, &mut preparing, batch) else {
+            continue;
+        };
         let lanes: Vec<Lane> = batch.iter().map(|q| q.lane).collect();
         run_batch(&model, &shared, &mut overlays, &edit_ctx, batch);
         for l in lanes {
@@ -109,6 +113,75 @@ pub(super) fn worker(shared: Arc<Shared>, model: LoadedModel, env: editing::Edit
                 .queue_depth
                 .with_label_values(&[l.name()])
                 .dec();
+        }
+    }
+}
+
+/// Runs a slice of what an edit lacks before the edit itself. The edit is put back at the
+/// front of its lane (and `None` returned) until its resources are made, so the interactive
+/// lane is served between slices; then the batch is returned to run.
+fn prepare_first(
+    model: &LoadedModel,
+    shared: &Shared,
+    ctx: &editing::EditContext,
+    preparing: &mut Option<editing::Preparation>,
+    mut batch: Vec<Queued>,
+) -> Option<Vec<Queued>> {
+    let Work::Edit {
+        method, hparams, ..
+    } = &batch[0].work
+    else {
+        return Some(batch);
+    };
+    if batch[0].work.abandoned() {
+        return Some(batch);
+    }
+    let lm = model.model.as_ref();
+    // An error here (an unknown layer, say) is the edit's to report: it runs and fails.
+    let Ok(Ok(Some(plan))) =
+        std::panic::catch_unwind(AssertUnwindSafe(|| ctx.preparation(lm, *method, hparams)))
+    else {
+        *preparing = None;
+        return Some(batch);
+    };
+    if !preparing.as_ref().is_some_and(|p| p.same_plan(&plan)) {
+        tracing::info!(
+            plan = plan.plan(),
+            "preparing an edit's resources in slices"
+        );
+        *preparing = Some(plan);
+    }
+    let p = preparing.as_mut().expect("set above");
+    let slice = shared.limits.preparation_slice;
+    let step = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        p.advance(ctx, lm, &model.tokenizer, slice)
+    }));
+    let step = match step {
+        Ok(r) => r.map_err(EngineError::Edit),
+        Err(p) => Err(EngineError::Panicked(panic_message(p))),
+    };
+    match step {
+        Ok(true) => {
+            *preparing = None;
+            Some(batch)
+        }
+        Ok(false) => {
+            let mut q = batch.pop().expect("one edit");
+            q.resumed = true;
+            let lane = q.lane as usize;
+            shared.lanes.lock().expect("engine queue lock")[lane].push_front(q);
+            None
+        }
+        Err(e) => {
+            *preparing = None;
+            let q = batch.pop().expect("one edit");
+            shared
+                .metrics
+                .queue_depth
+                .with_label_values(&[q.lane.name()])
+                .dec();
+            fail(q.work, e);
+            None
         }
     }
 }

@@ -60,6 +60,10 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// HTTP worker threads.
     pub http_workers: usize,
+    /// Comma-separated methods whose resources at their defaults (key statistics, null
+    /// spaces, context templates) are made at start-up, in slices between requests, so the
+    /// first edit does not wait for them; empty = none.
+    pub prepare_methods: String,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             insecure_open: false,
             shutdown_grace_secs: 30,
             http_workers: 2,
+            prepare_methods: String::new(),
         }
     }
 }
@@ -185,6 +190,7 @@ impl Config {
                 });
             }
         }
+        self.methods_to_prepare()?;
         let addr = self.bind_addr()?;
         if keys.is_empty() && !addr.ip().is_loopback() && !self.insecure_open {
             return Err(ConfigError::Invalid {
@@ -195,6 +201,21 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The methods of `prepare_methods`.
+    pub fn methods_to_prepare(&self) -> Result<Vec<crate::engine::editing::Method>, ConfigError> {
+        self.prepare_methods
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(|m| {
+                m.parse().map_err(|e| ConfigError::Invalid {
+                    field: "prepare_methods",
+                    msg: format!("{e}"),
+                })
+            })
+            .collect()
     }
 
     /// Where key statistics are cached.
@@ -325,5 +346,23 @@ mod tests {
         };
         let e = c.validate(&ApiKeys::default()).unwrap_err().to_string();
         assert!(e.contains("queue_eval"), "{e}");
+    }
+
+    #[test]
+    fn methods_to_prepare_are_registered_methods() {
+        let mut c = Config {
+            prepare_methods: " rome, memit ".into(),
+            ..Config::default()
+        };
+        let names: Vec<_> = c
+            .methods_to_prepare()
+            .unwrap()
+            .iter()
+            .map(|m| m.name())
+            .collect();
+        assert_eq!(names, ["rome", "memit"]);
+        c.prepare_methods = "rome,rosa".into();
+        let e = c.validate(&ApiKeys::default()).unwrap_err().to_string();
+        assert!(e.contains("prepare_methods") && e.contains("rosa"), "{e}");
     }
 }

@@ -44,6 +44,15 @@ pub async fn start(
         data_dir: cfg.data_dir.clone(),
     };
     let engine = Engine::start(model, limits, engine_metrics, env);
+    for method in cfg.methods_to_prepare()? {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            match engine.prepare(method, serde_json::Value::Null).await {
+                Ok(()) => tracing::info!(method = method.name(), "resources prepared"),
+                Err(e) => tracing::warn!(method = method.name(), error = %e, "could not prepare"),
+            }
+        });
+    }
     std::fs::create_dir_all(&cfg.state_dir)?;
     let store = Store::connect(&cfg.database_url()).await?;
     // Restored deltas go where the engine computes, in its dtype: the same tensors an edit made.

@@ -148,6 +148,14 @@ enum Work {
         opts: MeasureOptions,
         reply: oneshot::Sender<Result<Vec<EditStep>, EngineError>>,
     },
+    /// Makes what an edit by `method` with `hparams` would need (statistics, null spaces,
+    /// templates) without editing: a warm-up, in slices like an edit's own preparation.
+    Prepare {
+        view: ModelView,
+        method: Method,
+        hparams: serde_json::Value,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
     /// A chunk of an evaluation's requests, answered by the same code as the in-process
     /// backend so that the numbers are the same.
     Eval {
@@ -165,6 +173,7 @@ impl Work {
             Work::Score { reply, .. } => reply.is_closed(),
             Work::Loglikelihood { reply, .. } => reply.is_closed(),
             Work::Edit { reply, .. } => reply.is_closed(),
+            Work::Prepare { reply, .. } => reply.is_closed(),
             Work::Eval { reply, .. } => reply.is_closed(),
         }
     }

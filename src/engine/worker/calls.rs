@@ -114,6 +114,25 @@ impl Engine {
         answer(rx).await
     }
 
+    /// Makes the resources an edit by `method` with `hparams` needs (key statistics, null
+    /// spaces, context templates), on the edit lane, a slice at a time between other work;
+    /// answers once they are cached.
+    pub async fn prepare(
+        &self,
+        method: Method,
+        hparams: serde_json::Value,
+    ) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        let work = Work::Prepare {
+            view: super::ModelView::base(),
+            method,
+            hparams,
+            reply,
+        };
+        self.admit(Lane::Edit, work, Admission::Immediate).await?;
+        answer(rx).await
+    }
+
     /// One chunk of an evaluation, on the evaluation lane, from a plain thread (evaluations
     /// run on threads of their own, not on the async runtime): waits up to `patience` for room,
     /// then blocks until the chunk is answered.

@@ -127,22 +127,32 @@ fn prepare_first(
     preparing: &mut Option<editing::Preparation>,
     mut batch: Vec<Queued>,
 ) -> Option<Vec<Queued>> {
-    let Work::Edit {
-        method, hparams, ..
-    } = &batch[0].work
-    else {
-        return Some(batch);
+    let (method, hparams, warm_up) = match &batch[0].work {
+        Work::Edit {
+            method, hparams, ..
+        } => (*method, hparams, false),
+        Work::Prepare {
+            method, hparams, ..
+        } => (*method, hparams, true),
+        _ => return Some(batch),
     };
     if batch[0].work.abandoned() {
         return Some(batch);
     }
     let lm = model.model.as_ref();
-    // An error here (an unknown layer, say) is the edit's to report: it runs and fails.
-    let Ok(Ok(Some(plan))) =
-        std::panic::catch_unwind(AssertUnwindSafe(|| ctx.preparation(lm, *method, hparams)))
-    else {
-        *preparing = None;
-        return Some(batch);
+    let plan = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.preparation(lm, method, hparams)));
+    let plan = match plan {
+        Ok(Ok(Some(plan))) => plan,
+        // Nothing missing: an edit runs now; a warm-up is done.
+        Ok(Ok(None)) if !warm_up => return Some(batch),
+        Ok(Ok(None)) => return finish(shared, batch, Ok(())),
+        // An edit reports its own errors (an unknown layer, say) when it runs.
+        _ if !warm_up => {
+            *preparing = None;
+            return Some(batch);
+        }
+        Ok(Err(e)) => return finish(shared, batch, Err(EngineError::Edit(e))),
+        Err(p) => return finish(shared, batch, Err(EngineError::Panicked(panic_message(p)))),
     };
     if !preparing.as_ref().is_some_and(|p| p.same_plan(&plan)) {
         tracing::info!(
@@ -163,7 +173,11 @@ fn prepare_first(
     match step {
         Ok(true) => {
             *preparing = None;
-            Some(batch)
+            if warm_up {
+                finish(shared, batch, Ok(()))
+            } else {
+                Some(batch)
+            }
         }
         Ok(false) => {
             let mut q = batch.pop().expect("one edit");
@@ -174,16 +188,32 @@ fn prepare_first(
         }
         Err(e) => {
             *preparing = None;
-            let q = batch.pop().expect("one edit");
-            shared
-                .metrics
-                .queue_depth
-                .with_label_values(&[q.lane.name()])
-                .dec();
-            fail(q.work, e);
-            None
+            finish(shared, batch, Err(e))
         }
     }
+}
+
+/// Answers the one edit or warm-up of `batch` with `r` without running it further.
+fn finish(
+    shared: &Shared,
+    mut batch: Vec<Queued>,
+    r: Result<(), EngineError>,
+) -> Option<Vec<Queued>> {
+    let q = batch.pop().expect("one item");
+    shared
+        .metrics
+        .queue_depth
+        .with_label_values(&[q.lane.name()])
+        .dec();
+    match (q.work, r) {
+        (Work::Prepare { reply, .. }, r) => {
+            let _ = reply.send(r);
+        }
+        (w, Err(e)) => fail(w, e),
+        // Only a warm-up finishes without an error.
+        (_, Ok(())) => {}
+    }
+    None
 }
 
 /// The next unit of work: the oldest job of the highest non-empty lane, plus (for generation)
@@ -223,6 +253,7 @@ fn view_of(work: &Work) -> &ModelView {
         | Work::Score { view, .. }
         | Work::Loglikelihood { view, .. }
         | Work::Edit { view, .. }
+        | Work::Prepare { view, .. }
         | Work::Eval { view, .. } => view,
     }
 }
@@ -283,6 +314,9 @@ fn fail(work: Work, e: EngineError) {
             let _ = reply.send(Err(e));
         }
         Work::Edit { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Work::Prepare { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         Work::Eval { reply, .. } => {
@@ -359,6 +393,10 @@ fn run_on(
                     }
                 };
                 let _ = reply.send(r);
+            }
+            // `prepare_first` answers warm-ups; one that gets here has nothing left to make.
+            Work::Prepare { reply, .. } => {
+                let _ = reply.send(Ok(()));
             }
             Work::Eval { work, reply, .. } => {
                 metrics

@@ -35,13 +35,5 @@ SID=$(session)
   ./target/release/examples/loadgen --url http://127.0.0.1:$PORT --session "$SID" --endpoint generate --concurrency 32 --seconds "$SECS"
 } >> "$OUT"
 stop
-python3 - "$OUT" <<'PY'
-import sys, re
-table = open(sys.argv[1]).read()
-start, end = "<!-- load-bench:start -->", "<!-- load-bench:end -->"
-md = open("BENCHMARKS.md").read()
-block = f"{start}\n{table}{end}"
-md = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, md, flags=re.S) if start in md else md + "\n" + block + "\n"
-open("BENCHMARKS.md", "w").write(md)
-PY
+python3 load-tests/put_section.py load-bench "$OUT"
 cat "$OUT"

@@ -58,13 +58,5 @@ print(f'| generate, during the statistics pass: median of {len(rows)} windows of
 print(f'| generate, during the statistics pass: worst window | 1 | {min(col(2)):.2f} | {max(col(3)):.3f} | {max(col(4)):.3f} | {max(col(5)):.3f} | {max(col(6)):.3f} | {min(col(7)):.1f} | | |')
 "
 } > "$OUT"
-python3 - "$OUT" <<'PY'
-import sys, re
-table = open(sys.argv[1]).read()
-start, end = "<!-- stats-stall:start -->", "<!-- stats-stall:end -->"
-md = open("BENCHMARKS.md").read()
-block = f"{start}\n{table}{end}"
-md = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, md, flags=re.S) if start in md else md + "\n" + block + "\n"
-open("BENCHMARKS.md", "w").write(md)
-PY
+python3 load-tests/put_section.py stats-stall "$OUT"
 cat "$OUT"

@@ -109,6 +109,7 @@ async fn probe_at(base: &str, id: &str, version: Option<u64>) -> Vec<f64> {
         {"context": "The Eiffel Tower is located in the city of", "continuation": " Rome"},
         {"context": "The Colosseum is located in the city of", "continuation": " Paris"},
         {"context": "The capital of Japan is", "continuation": " Tokyo"},
+        {"context": "Mount Fuji is located in the country of", "continuation": " Brazil"},
     ]});
     if let Some(v) = version {
         body["version"] = json!(v);
@@ -197,6 +198,14 @@ async fn bad_edits_answer_422_naming_the_field_and_leave_the_version() {
         (
             json!({"method": "pmet", "edits": [eiffel()], "hparams": {"layers": [3, 31]}}),
             "hparams.layers[1]",
+        ),
+        (
+            json!({"method": "grace", "edits": [eiffel()], "hparams": {"radius": -1.0}}),
+            "hparams.radius",
+        ),
+        (
+            json!({"method": "grace", "edits": [eiffel()], "hparams": {"layer": 30}}),
+            "hparams.layer",
         ),
         (
             json!({"method": "ft-l", "edits": [eiffel()], "hparams": {"norm_constraint": 11.0}}),
@@ -407,7 +416,16 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
         .collect();
     assert_eq!(
         names,
-        ["rome", "memit", "pmet", "alphaedit", "kn", "ft-l", "ft-m"]
+        [
+            "rome",
+            "memit",
+            "pmet",
+            "alphaedit",
+            "kn",
+            "ft-l",
+            "ft-m",
+            "grace"
+        ]
     );
     for m in v["methods"].as_array().unwrap() {
         assert!(
@@ -496,7 +514,14 @@ async fn restart_keeps_versions(db: Option<&str>) {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let v = edit_at(&url, &id, f3).await;
+    // Version 3 is a GRACE edit: its codebook must come back from the log too.
+    let (s, v) = post_at(
+        &url,
+        &format!("/v1/sessions/{id}/edits"),
+        json!({"method": "grace", "edits": [f3], "hparams": {"steps": 10}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(v["version"], 3);
     let fork = new_session_at(&url, json!({"from": {"session": id, "version": 2}})).await;
     let mut before = Vec::new();
@@ -579,4 +604,39 @@ async fn pmet_moves_the_eiffel_tower_over_http_and_kn_reports_its_neurons() {
         continue_at(&id, "The Eiffel Tower is located in the city of").await,
         made["reports"][0]
     );
+}
+
+#[tokio::test]
+async fn grace_moves_the_eiffel_tower_over_http_and_rolls_back() {
+    let mut f = eiffel();
+    f["locality_prompts"] =
+        json!([{"prompt": "The Louvre is located in the city of", "answer": "Paris"}]);
+    let id = new_session_at(server(), json!({})).await;
+    let (s, v) = post(
+        &format!("/v1/sessions/{id}/edits"),
+        json!({"method": "grace", "edits": [f], "hparams": {"steps": 25}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let made = &v["versions"][0];
+    assert_eq!(made["reports"][0]["post"]["reliability"], 1.0, "{v}");
+    assert_eq!(made["reports"][0]["post"]["locality"], 1.0, "{v}");
+    assert_eq!(made["diagnostics"]["entries"], 1, "{v}");
+    let (s, g) = post(
+        &format!("/v1/sessions/{id}/generate"),
+        json!({"prompt": "The Eiffel Tower is located in the city of", "max_tokens": 16}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{g}");
+    assert!(g["text"].as_str().unwrap().starts_with(" Rome"), "{g}");
+    let louvre = continue_at(&id, "The Louvre is located in the city of").await;
+    assert!(louvre.starts_with(" Paris"), "{louvre:?}");
+    let (s, v) = post(
+        &format!("/v1/sessions/{id}/rollback"),
+        json!({"version": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let eiffel_now = continue_at(&id, "The Eiffel Tower is located in the city of").await;
+    assert!(eiffel_now.starts_with(" Paris"), "{eiffel_now:?}");
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::nullspace::NullSpace;
 use super::stats::LayerStats;
-use super::{alphaedit, ft, hparams, kn, memit, pmet, rome, EditError, EditRequest};
+use super::{alphaedit, ft, grace, hparams, kn, memit, pmet, rome, EditError, EditRequest};
 use crate::engine::model::{ModelSpec, Tok};
 use crate::engine::overlay::{Delta, Edited, Overlay, StateEntry};
 
@@ -25,6 +25,7 @@ static REGISTRY: &[&dyn EditMethod] = &[
     &kn::Kn,
     &ft::FtL,
     &ft::FtM,
+    &grace::Grace,
 ];
 
 /// Something a method needs that is computed once and shared across edits; the engine acquires

@@ -26,6 +26,7 @@ pub mod stats_pass;
 mod alphaedit;
 mod compute;
 mod ft;
+mod grace;
 mod kn;
 mod memit;
 mod nullspace;

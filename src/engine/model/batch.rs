@@ -108,6 +108,15 @@ impl<'a> Forward<'a> {
         }
     }
 
+    /// The MLP output `out` of `layer` through the session's run-time module there, if any
+    /// (`key` is what entered the down projection).
+    pub(crate) fn mlp_module(&self, layer: usize, key: &Tensor, out: Tensor) -> Result<Tensor> {
+        match self.overlay.as_deref().and_then(|o| o.module(layer)) {
+            None => Ok(out),
+            Some(m) => m.apply(key, out),
+        }
+    }
+
     /// Restricts the pass to ops with a backward (needed when hooks carry gradients).
     pub fn differentiable(mut self) -> Self {
         self.differentiable = true;

@@ -216,6 +216,7 @@ impl CausalLm for Gpt2 {
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpPre), pre)?.gelu()?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
             let m = fwd.linear(w(Linear::MlpDown), &blk.mlp_proj, &key)?;
+            let m = fwd.mlp_module(i, &key, m)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;
             h = (h + m)?;
             h = at_site(&mut fwd.hooks, Site::new(i, SiteKind::Residual), h)?;

@@ -224,6 +224,7 @@ impl CausalLm for GptNeox {
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpPre), pre)?.gelu_erf()?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
             let m = fwd.linear(w(Linear::MlpDown), &blk.down, &key)?;
+            let m = fwd.mlp_module(i, &key, m)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;
             h = if self.cfg.use_parallel_residual {
                 ((h + a)? + m)?

@@ -216,7 +216,7 @@ fn flat_indices(rows: &[(usize, usize)], b: usize, t: usize) -> Result<Vec<u32>>
 
 /// Writes `values` at rows through a one-hot selection matmul: plain ops, so gradients flow to
 /// `values`, and untouched rows stay bit-identical (`x + 0`, `x * 1`).
-fn patch_rows(
+pub(crate) fn patch_rows(
     x: &Tensor,
     at: &[(usize, usize)],
     values: &Tensor,

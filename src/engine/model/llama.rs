@@ -285,6 +285,7 @@ impl CausalLm for Llama {
             let key = (gate * fwd.linear(w(Linear::MlpUp), &blk.mlp.up, &x)?)?;
             let key = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpIn), key)?;
             let m = fwd.linear(w(Linear::MlpDown), &blk.mlp.down, &key)?;
+            let m = fwd.mlp_module(i, &key, m)?;
             let m = at_site(&mut fwd.hooks, Site::new(i, SiteKind::MlpOut), m)?;
             h = (h + m)?;
             h = at_site(&mut fwd.hooks, Site::new(i, SiteKind::Residual), h)?;

@@ -23,7 +23,7 @@ mod weights;
 pub use arch::{Architecture, CausalLm, ModelSpec};
 pub use batch::Forward;
 pub use error::{ModelError, Result};
-pub(crate) use hooks::gather_rows;
+pub(crate) use hooks::{gather_rows, patch_rows};
 pub use hooks::{HookAction, Hooks, PatchMode, Positions, Site, SiteKind};
 pub use kv_cache::KvCache;
 pub use loader::{DeviceKind, LoadOptions, LoadedModel, ModelSource};

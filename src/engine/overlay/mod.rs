@@ -5,8 +5,9 @@
 //! their history and a rollback is only a pointer move. A forward pass runs against a
 //! [`PreparedOverlay`]: per edited weight the stacked low-rank factors (`y = W x + U (Vᵀ x)`),
 //! or one dense copy `W + U Vᵀ` once the stacked rank makes the dense product cheaper.
-//! Preparing is a pure function of the chain, so the same version always yields bit-identical
-//! logits.
+//! Run-time modules (GRACE's [`Codebook`]) are folded from the chain's method state the same
+//! way and act inside the forward pass. Preparing is a pure function of the chain, so the same
+//! version always yields bit-identical logits.
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -15,9 +16,11 @@ use candle_core::{DType, Device, Tensor};
 
 use super::model::{CausalLm, Forward, ModelError, ModelSpec, Result, WeightId};
 
+mod codebook;
 mod delta;
 mod format;
 
+pub use codebook::{Codebook, CodebookWrite, Entry};
 pub use delta::{Delta, StateEntry};
 pub use format::{decode, encode, VersionData, FORMAT_VERSION};
 
@@ -128,7 +131,9 @@ impl Overlay {
         for (id, ds) in by_weight(self.chain(), model)? {
             weights.insert(id, patch(model, id, &ds)?);
         }
-        Ok(PreparedOverlay { weights })
+        let states = self.nodes().into_iter().flat_map(|n| n.state.iter());
+        let modules = fold_modules(model, BTreeMap::new(), states)?;
+        Ok(PreparedOverlay { weights, modules })
     }
 
     /// The same overlay as [`Overlay::prepare`], bit for bit, built from `parent`, the prepared
@@ -182,8 +187,47 @@ impl Overlay {
             };
             weights.insert(id, next);
         }
-        Ok(PreparedOverlay { weights })
+        let modules = fold_modules(model, parent.modules.clone(), self.state.iter())?;
+        Ok(PreparedOverlay { weights, modules })
     }
+}
+
+/// `modules` with the codebook writes among `states` applied in order; only the codebooks
+/// written to are copied.
+fn fold_modules<'s>(
+    model: &dyn CausalLm,
+    mut modules: BTreeMap<usize, Arc<Codebook>>,
+    states: impl Iterator<Item = &'s StateEntry>,
+) -> Result<BTreeMap<usize, Arc<Codebook>>> {
+    let mut writes: BTreeMap<usize, Vec<CodebookWrite>> = BTreeMap::new();
+    for s in states {
+        let Some(layer) = CodebookWrite::layer_of(&s.name) else {
+            continue;
+        };
+        if layer >= model.spec().n_layers {
+            return Err(ModelError::InvalidInput(format!(
+                "codebook at layer {layer} but the model has {} layers",
+                model.spec().n_layers
+            )));
+        }
+        let (value_dim, key_dim) = model.weight(WeightId::mlp_down(layer))?.dims2()?;
+        writes
+            .entry(layer)
+            .or_default()
+            .push(CodebookWrite::from_state(&s.tensor, key_dim, value_dim)?);
+    }
+    for (layer, ws) in writes {
+        let mut cb = match modules.get(&layer) {
+            Some(cb) => (**cb).clone(),
+            None => {
+                let (value_dim, key_dim) = model.weight(WeightId::mlp_down(layer))?.dims2()?;
+                Codebook::new(key_dim, value_dim, model.device())
+            }
+        };
+        cb.write_all(&ws)?;
+        modules.insert(layer, Arc::new(cb));
+    }
+    Ok(modules)
 }
 
 /// `deltas` grouped by weight, in order; refuses a weight the model does not have.
@@ -278,6 +322,8 @@ pub enum LayerPatch {
 #[derive(Debug, Clone, Default)]
 pub struct PreparedOverlay {
     weights: BTreeMap<WeightId, LayerPatch>,
+    /// Run-time modules at layers' MLP outputs.
+    modules: BTreeMap<usize, Arc<Codebook>>,
 }
 
 impl PreparedOverlay {
@@ -290,8 +336,13 @@ impl PreparedOverlay {
         self.weights.keys().copied()
     }
 
+    /// The run-time module at `layer`'s MLP output, if the chain wrote one.
+    pub fn module(&self, layer: usize) -> Option<&Codebook> {
+        self.modules.get(&layer).map(|m| m.as_ref())
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.weights.is_empty()
+        self.weights.is_empty() && self.modules.is_empty()
     }
 
     pub fn bytes(&self) -> usize {
@@ -301,7 +352,8 @@ impl PreparedOverlay {
                 LayerPatch::LowRank { v_t, u } => delta::tensor_bytes(v_t) + delta::tensor_bytes(u),
                 LayerPatch::Dense { weight } => delta::tensor_bytes(weight),
             })
-            .sum()
+            .sum::<usize>()
+            + self.modules.values().map(|m| m.bytes()).sum::<usize>()
     }
 }
 

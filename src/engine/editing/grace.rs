@@ -1,0 +1,335 @@
+//! GRACE (Hartvigsen et al., NeurIPS 2023): edits as entries of a codebook at one layer's MLP
+//! output, the base weights untouched. The run-time side is the overlay's
+//! [`crate::engine::overlay::Codebook`]; this file decides what an edit writes and trains the
+//! value.
+//!
+//! Per request, as EasyEdit's `GRACEAdapter` does at its first iteration: the key is what
+//! enters the down projection at the prompt's last token; with no entry nearer than
+//! `radius + r` (the nearest entry's radius `r`) a new entry is added; a nearer entry with
+//! another target is split (its radius and the new one's become half the distance); a nearer
+//! entry with the same target grows its radius to cover the key and its value is trained
+//! further. The value replaces the down projection's output at the key's position and is
+//! trained by Adam on the target's tokens, teacher-forced after the prompt (EasyEdit's
+//! `prompt + " " + target` with the prompt masked).
+//!
+//! Where emend differs from EasyEdit, on purpose: a label is the target's token ids (EasyEdit
+//! compares the means of the label tensors, so two different targets of equal mean count as
+//! the same); the cold value comes from a seeded generator, so the same edit trains the same
+//! value; the codebook applies at every position (see the codebook's documentation), where
+//! EasyEdit applies it at the position of the last edit's key.
+use candle_core::{DType, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+
+use super::hparams::check_layer;
+use super::method::{EditInput, MethodHparams, MethodOutput, Resource, TypedMethod};
+use super::primitives::{pad, weighted_nll, TargetTerm};
+use super::{EditError, EditRequest};
+use crate::engine::model::score::encode_pair;
+use crate::engine::model::{
+    gather_rows, CausalLm, Forward, Hooks, ModelSpec, PatchMode, Positions, Site, SiteKind,
+};
+use crate::engine::overlay::{CodebookWrite, Edited};
+
+pub struct Grace;
+
+/// How a new entry's value starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueInit {
+    /// Uniform in [0, 1) per element (EasyEdit's `cold`, from a seeded generator here).
+    Cold,
+    /// The down projection's output at the key's position (EasyEdit's `warm`).
+    Warm,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GraceHparams {
+    /// The layer whose MLP output the codebook replaces.
+    #[schema(minimum = 0)]
+    pub layer: usize,
+    /// A new entry's deferral radius (EasyEdit's `eps`), in the Euclidean distance between
+    /// keys entering the down projection.
+    #[schema(minimum = 0.0, maximum = 1000000.0)]
+    pub radius: f64,
+    /// Adam steps training the value (EasyEdit's `n_iter`).
+    #[schema(minimum = 1, maximum = 1000)]
+    pub steps: usize,
+    /// Adam learning rate (EasyEdit's `edit_lr`).
+    #[schema(minimum = 0.000001, maximum = 100.0)]
+    pub lr: f64,
+    pub value_init: ValueInit,
+    /// Seed of the cold initialisation.
+    #[schema(minimum = 0)]
+    pub seed: u64,
+}
+
+impl MethodHparams for GraceHparams {
+    fn check(&self, spec: &ModelSpec) -> Result<(), EditError> {
+        check_layer("layer", self.layer, spec)
+    }
+}
+
+impl TypedMethod for Grace {
+    type Hparams = GraceHparams;
+    const NAME: &'static str = "grace";
+    const DESCRIPTION: &'static str = "GRACE (Hartvigsen et al. 2023): a codebook of (key, value, radius) at one layer's MLP output; a position whose key falls within an entry's radius gets the entry's trained value, every other position runs the unedited model. Base weights are untouched.";
+    const BATCHED: bool = false;
+    const DEFAULTS: &'static str = "grace";
+
+    fn resources(&self, _: &GraceHparams) -> Vec<Resource> {
+        Vec::new()
+    }
+
+    fn compute(&self, input: &EditInput<'_>, h: &GraceHparams) -> Result<MethodOutput, EditError> {
+        let [req] = input.requests else {
+            return Err(EditError::invalid(
+                "edits",
+                "GRACE edits one request per step",
+            ));
+        };
+        edit(input.model, input.tok, req, h)
+    }
+}
+
+/// What an edit does to the codebook (EasyEdit's first-iteration branches, plus `Replace`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Decision {
+    /// A new entry, its radius the default.
+    Add,
+    /// A new entry, and `entry`'s radius and the new one's halved to the distance between them.
+    Split { entry: usize, distance: f32 },
+    /// The same target near `entry`: its radius grows to `distance` if that is more, and its
+    /// value is trained further.
+    Extend { entry: usize, distance: f32 },
+    /// Another target for exactly `entry`'s key (the same prompt edited again): the entry takes
+    /// the new target and value. Splitting would leave both radii at zero and neither entry
+    /// reachable, which is what EasyEdit does.
+    Replace { entry: usize },
+}
+
+fn decide(
+    model: &Edited<'_>,
+    layer: usize,
+    key: &[f32],
+    label: &[u32],
+    radius: f32,
+) -> Result<(Decision, Option<f32>), EditError> {
+    let Some(cb) = model.overlay.module(layer).filter(|c| !c.is_empty()) else {
+        return Ok((Decision::Add, None));
+    };
+    let q = Tensor::from_slice(key, (1, key.len()), model.device())?;
+    let (entry, _) = cb.nearest(&q)?[0];
+    let e = cb.entry(entry);
+    // The distance to the nearest entry exactly, so that the same key is at distance 0.
+    let distance = e
+        .key
+        .iter()
+        .zip(key)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum::<f64>()
+        .sqrt() as f32;
+    let decision = if distance > radius + e.radius {
+        Decision::Add
+    } else if e.label == label {
+        Decision::Extend { entry, distance }
+    } else if distance == 0.0 {
+        Decision::Replace { entry }
+    } else {
+        Decision::Split { entry, distance }
+    };
+    Ok((decision, Some(distance)))
+}
+
+/// Uniform [0, 1) values from splitmix64 (deterministic per seed).
+fn cold_value(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+fn edit(
+    model: &Edited<'_>,
+    tok: &crate::engine::model::Tok,
+    req: &EditRequest,
+    h: &GraceHparams,
+) -> Result<MethodOutput, EditError> {
+    let dev = model.device().clone();
+    let layer = h.layer;
+    let (prompt, _) = req.filled();
+    let (ctx, target) = encode_pair(tok, &prompt, &req.target_new_text())?;
+    let key_pos = ctx.len() - 1;
+    let mut row = ctx.clone();
+    row.extend_from_slice(&target[..target.len() - 1]);
+    let weight = 1.0 / target.len() as f64;
+    let terms: Vec<TargetTerm> = target
+        .iter()
+        .enumerate()
+        .map(|(j, &token)| TargetTerm {
+            row: 0,
+            position: key_pos + j,
+            token,
+            weight,
+        })
+        .collect();
+    let loss_rows: Vec<(usize, usize)> = terms.iter().map(|t| (t.row, t.position)).collect();
+    let (ids, width) = pad(model, tok, std::slice::from_ref(&row))?;
+
+    // The layers below the codebook do not depend on its value: run once.
+    let h_in = {
+        let mut fwd = Forward::new(1, width, &dev);
+        let e = model.embed(&ids, &fwd)?;
+        model.run_layers(e, 0..layer, &mut fwd)?
+    };
+    let key_site = Site::new(layer, SiteKind::MlpIn);
+    let out_site = Site::new(layer, SiteKind::MlpOut);
+    let at = vec![(0, key_pos)];
+    let mut hooks = Hooks::new()
+        .read(key_site, Positions::Rows(at.clone()))
+        .read(out_site, Positions::Rows(at.clone()));
+    {
+        let mut fwd = Forward::new(1, width, &dev).with_hooks(&mut hooks);
+        model.run_layers(h_in.clone(), layer..layer + 1, &mut fwd)?;
+    }
+    let key: Vec<f32> = hooks
+        .take(key_site)
+        .expect("key read")
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let out = hooks
+        .take(out_site)
+        .expect("output read")
+        .to_dtype(DType::F32)?;
+    let value_dim = out.dim(1)?;
+
+    let (decision, nearest) = decide(model, layer, &key, &target, h.radius as f32)?;
+    let cb = model.overlay.module(layer);
+    let start: Vec<f32> = match (decision, h.value_init) {
+        (Decision::Extend { entry, .. }, _) => {
+            cb.expect("extended entry").entry(entry).value.to_vec()
+        }
+        (_, ValueInit::Cold) => cold_value(value_dim, h.seed),
+        (_, ValueInit::Warm) => out.flatten_all()?.to_vec1()?,
+    };
+    let value = Var::from_tensor(&Tensor::from_vec(start, (1, value_dim), &dev)?)?;
+    let mut opt = AdamW::new(
+        vec![value.clone()],
+        ParamsAdamW {
+            lr: h.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let n_layers = model.spec().n_layers;
+    let mut losses = Vec::with_capacity(h.steps);
+    for _ in 0..h.steps {
+        let mut hooks = Hooks::new().patch(
+            out_site,
+            at.clone(),
+            value.as_tensor().to_dtype(model.dtype())?,
+            PatchMode::Set,
+        );
+        let mut fwd = Forward::new(1, width, &dev)
+            .with_hooks(&mut hooks)
+            .differentiable();
+        let top = model.run_layers(h_in.clone(), layer..n_layers, &mut fwd)?;
+        let logits = model.head(&gather_rows(&top, &loss_rows)?, true)?;
+        let loss = weighted_nll(&logits, &terms)?;
+        losses.push(loss.to_scalar::<f32>()? as f64);
+        opt.backward_step(&loss)?;
+    }
+    let value: Vec<f32> = value.as_tensor().flatten_all()?.to_vec1()?;
+    let n = cb.map_or(0, |c| c.len());
+    let new_entry = |radius: f32| CodebookWrite {
+        index: n,
+        key: key.clone(),
+        value: value.clone(),
+        radius,
+        label: target.clone(),
+    };
+    let writes = match decision {
+        Decision::Add => vec![new_entry(h.radius as f32)],
+        Decision::Split { entry, distance } => {
+            let e = cb.expect("split entry").entry(entry);
+            vec![
+                CodebookWrite {
+                    index: entry,
+                    key: e.key.to_vec(),
+                    value: e.value.to_vec(),
+                    radius: distance / 2.0 - 1e-5,
+                    label: e.label.to_vec(),
+                },
+                new_entry(distance / 2.0),
+            ]
+        }
+        Decision::Extend { entry, distance } => {
+            let e = cb.expect("extended entry").entry(entry);
+            vec![CodebookWrite {
+                index: entry,
+                key: e.key.to_vec(),
+                value: value.clone(),
+                radius: e.radius.max(distance),
+                label: e.label.to_vec(),
+            }]
+        }
+        Decision::Replace { entry } => {
+            let e = cb.expect("replaced entry").entry(entry);
+            vec![CodebookWrite {
+                index: entry,
+                key: e.key.to_vec(),
+                value: value.clone(),
+                radius: e.radius,
+                label: target.clone(),
+            }]
+        }
+    };
+    let state = writes
+        .iter()
+        .map(|w| w.to_state(layer))
+        .collect::<Result<Vec<_>, _>>()?;
+    let diagnostics = json!({
+        "layer": layer,
+        "decision": match decision {
+            Decision::Add => "add",
+            Decision::Split { .. } => "split",
+            Decision::Extend { .. } => "extend",
+            Decision::Replace { .. } => "replace",
+        },
+        "nearest_distance": nearest,
+        "entries": n + usize::from(matches!(decision, Decision::Add | Decision::Split { .. })),
+        "key_norm": key.iter().map(|x| x * x).sum::<f32>().sqrt(),
+        "loss": losses,
+    });
+    Ok(MethodOutput {
+        deltas: Vec::new(),
+        state,
+        diagnostics,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cold_values_are_uniform_and_seeded() {
+        let a = cold_value(1000, 7);
+        assert_eq!(a, cold_value(1000, 7));
+        assert_ne!(a, cold_value(1000, 8));
+        assert!(a.iter().all(|&x| (0.0..1.0).contains(&x)));
+        let mean = a.iter().sum::<f32>() / 1000.0;
+        assert!((mean - 0.5).abs() < 0.05, "{mean}");
+    }
+}

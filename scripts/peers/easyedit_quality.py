@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""EasyEdit's own ROME / MEMIT / PMET / AlphaEdit / KN / FT-M on the CounterFact records emend
+"""EasyEdit's own ROME / MEMIT / PMET / AlphaEdit / KN / FT-M / GRACE on the CounterFact records emend
 benchmarks, each record edited alone on the unedited model; prints (and writes with --out) the
 JSON report that `emend bench-quality --peer FILE` reads.
 
     python easyedit_quality.py --method KN --n 50 --out /tmp/easyedit-quality/kn.json
     python easyedit_quality.py --method PMET --n 10 --out /tmp/easyedit-quality/pmet.json
     python easyedit_quality.py --method AlphaEdit --n 10 --out /tmp/easyedit-quality/alphaedit.json
+    python easyedit_quality.py --method GRACE --n 50 --out /tmp/easyedit-quality/grace.json
 
 Reuses the shared driver /work/shared/peers/easyeditor_edit.py (imported, not copied): the
 "llama-<dir>" symlink that sends BaseEditor down its llama branch, use_local_corpus (EasyEdit's
@@ -72,7 +73,30 @@ METHODS = {
     "AlphaEdit": ("AlphaEditHyperParams", os.path.join(HERE, "hparams", "AlphaEdit-smollm2-135m.yaml"), "alphaedit", True),
     "KN": ("KNHyperParams", os.path.join(HERE, "hparams", "KN-smollm2-135m.yaml"), "kn", False),
     "FT-M": ("FTHyperParams", os.path.join(HERE, "hparams", "FT-M-smollm2-135m.yaml"), "ft-m", False),
+    "GRACE": ("GraceHyperParams", os.path.join(HERE, "hparams", "GRACE-smollm2-135m.yaml"), "grace", False),
 }
+
+
+def record_grace_decisions(decisions):
+    """Wraps EasyEdit's GRACEAdapter.forward to log, for each prompt the evaluation generates from,
+    whether the codebook hit at the prompt's last token (the first forward of GRACE.generate)."""
+    from easyeditor.models.grace import GRACE as grace_mod
+
+    adapter = grace_mod.GRACEAdapter
+    orig_forward = adapter.forward
+
+    def forward(self, *args):
+        first = (not self.training) and self.key_id == -1 and "keys" in self.__dict__
+        out = orig_forward(self, *args)
+        if first and args[0].shape[0] == 1:
+            query = args[0][:, args[0].shape[1] - 1, :]
+            dists = grace_mod.cdist_float32(self.keys, query).view(-1)
+            d, i = dists.min(0)
+            decisions.append({"hit": bool(d <= self.epsilons[i].view(-1)[0]), "distance": float(d),
+                              "entry": int(i), "tokens": int(args[0].shape[1])})
+        return out
+
+    adapter.forward = forward
 
 
 def weights_snapshot(model):
@@ -218,6 +242,9 @@ def main() -> int:
             # recomputing it on every call. Copied to p_cache afterwards.
             hparams.P_loc = os.path.join(workdir, "null_space_project.pt")
 
+    grace_decisions = []
+    if method == "GRACE":
+        record_grace_decisions(grace_decisions)
     restore_log = []   # per apply_algo call: state of the model just before the call
     edit_times, edit_cpu, written = [], [], []
     failure = None
@@ -335,6 +362,18 @@ def main() -> int:
                      "covariance (threshold nullspace_threshold on its singular values), cached as "
                      + os.path.basename(p_cache or "?") + "; reset_cache=True on every call so no earlier edit's keys "
                      "enter the update (each edit alone)")
+    if method == "GRACE":
+        notes.append("GRACE (EasyEdit GRACE.py): evaluated by EasyEdit's vanilla generation (greedy generate of the "
+                     "target's length, token match) as its evaluate.py does for GRACE, where emend teacher-forces; at "
+                     "generation GRACE decides at the prompt's last token, then at each new token, as emend's "
+                     "per-position rule does; EasyEdit's label_match compares the means of the label tensors")
+        notes.append("GRACE adds a `values` parameter to the wrapped layer during the edit, so the per-edit weight "
+                     "comparison lists every edit under edits_that_wrote_nan_or_inf (a changed parameter set counts as "
+                     "an infinite difference); restore_check.all_started_from_unedited_model is what says each edit "
+                     "started from the unedited model")
+        notes.append("the evaluation encodes target_new without a leading space (tok.encode(target_new)) and compares "
+                     "it with the generated tokens, which for SmolLM2's byte-level BPE are ' ' + target: its rewrite "
+                     "accuracy counts only targets whose first token happens to agree")
     if method == "ROME" and not getattr(hparams, "mom2_adjustment", False):
         notes.append("ROME without covariance (mom2_adjustment false)")
     if method in ("ROME", "MEMIT", "PMET", "AlphaEdit"):
@@ -374,6 +413,7 @@ def main() -> int:
         "padding_side": padding_side,
         "mom2_source": corpus_info,
         "restore_check": restore_check,
+        "grace_decisions": grace_decisions or None,
         "failure": failure,
         "model": os.path.basename(model_dir),
         "torch": torch.__version__,

@@ -44,19 +44,19 @@ pub struct BenchResult {
     pub threads: usize,
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(super) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
     xs[xs.len() / 2]
 }
 
 /// Deterministic prompt ids spread over the vocabulary (no special tokens near the start).
-fn prompt(b: usize, t: usize, vocab: usize) -> Vec<u32> {
+pub(super) fn prompt(b: usize, t: usize, vocab: usize) -> Vec<u32> {
     (0..b * t)
         .map(|i| (1000 + (i * 7919) % (vocab - 2000)) as u32)
         .collect()
 }
 
-fn prefill(
+pub(super) fn prefill(
     model: &dyn CausalLm,
     ids: &[u32],
     b: usize,
@@ -77,7 +77,13 @@ fn prefill(
         .to_vec2()?)
 }
 
-fn decode(model: &dyn CausalLm, ids: &[u32], b: usize, t: usize, steps: usize) -> Result<f64> {
+pub(super) fn decode(
+    model: &dyn CausalLm,
+    ids: &[u32],
+    b: usize,
+    t: usize,
+    steps: usize,
+) -> Result<f64> {
     let dev = model.device();
     let mut cache = KvCache::new(model.spec().n_layers);
     let mut logits = prefill(model, ids, b, t, Some(&mut cache))?;

@@ -113,7 +113,7 @@ pub fn run(g: &Global, a: BenchQualityArgs) -> Result<()> {
                 writeln!(
                     f,
                     "{}",
-                    json!({"method": method.name(), "id": r.id, "post": post, "pre": s.reports[0].pre, "compute_s": ms / 1000.0})
+                    json!({"method": method.name(), "id": r.id, "post": post, "pre": s.reports[0].pre, "compute_s": ms / 1000.0, "diagnostics": s.diagnostics})
                 )?;
             }
         }

@@ -16,6 +16,7 @@ use emend::setup;
 mod bench;
 mod bench_edit;
 mod bench_eval;
+mod bench_module;
 mod bench_quality;
 mod edit;
 mod eval;
@@ -78,6 +79,9 @@ pub enum Command {
     BenchQuality(bench_quality::BenchQualityArgs),
     /// Measure evaluation: task slices timed beside lm-evaluation-harness's report.
     BenchEval(bench_eval::BenchEvalArgs),
+    /// Measure what a run-time module (GRACE's codebook) costs the forward pass: 0, 100 and
+    /// 1,000 entries at batch 1 and 8, and bytes per 1,000 entries.
+    BenchModule(bench_module::BenchModuleArgs),
     /// Run the HTTP server (sessions, generation, scoring, OpenAI-compatible routes).
     Serve(serve::ServeArgs),
     /// Print the OpenAPI document (`emend openapi > openapi/openapi.json`).
@@ -309,6 +313,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BenchEdit(a) => bench_edit::run(&g, a)?,
         Command::BenchQuality(a) => bench_quality::run(&g, a)?,
         Command::BenchEval(a) => bench_eval::run(&g, a)?,
+        Command::BenchModule(a) => bench_module::run(&g, a)?,
         Command::Serve(a) => serve::run(&g, a)?,
         Command::Openapi => print!("{}", emend::api::openapi::json()),
         Command::Edit(a) => edit::run_edit(&g, a)?,

@@ -25,11 +25,11 @@ use utoipa::ToSchema;
 
 use super::hparams::check_layer;
 use super::method::{EditInput, MethodHparams, MethodOutput, Resource, TypedMethod};
-use super::primitives::{pad, weighted_nll, TargetTerm};
+use super::primitives::{read_at, weighted_nll, TargetTerm};
 use super::{EditError, EditRequest};
 use crate::engine::model::score::encode_pair;
 use crate::engine::model::{
-    gather_rows, CausalLm, Forward, Hooks, ModelSpec, PatchMode, Positions, Site, SiteKind,
+    gather_rows, CausalLm, Forward, Hooks, KvCache, ModelSpec, PatchMode, Positions, Site, SiteKind,
 };
 use crate::engine::overlay::{CodebookWrite, Edited};
 
@@ -170,36 +170,51 @@ fn edit(
     let (prompt, _) = req.filled();
     let (ctx, target) = encode_pair(tok, &prompt, &req.target_new_text())?;
     let key_pos = ctx.len() - 1;
-    let mut row = ctx.clone();
-    row.extend_from_slice(&target[..target.len() - 1]);
+    // The window the value is trained on: from the key's position (the prompt's last token)
+    // to the last target token; the positions before it do not depend on the value, so their
+    // keys and values at every layer are computed once.
+    let mut suffix = vec![ctx[key_pos]];
+    suffix.extend_from_slice(&target[..target.len() - 1]);
+    let width = suffix.len();
     let weight = 1.0 / target.len() as f64;
     let terms: Vec<TargetTerm> = target
         .iter()
         .enumerate()
         .map(|(j, &token)| TargetTerm {
             row: 0,
-            position: key_pos + j,
+            position: j,
             token,
             weight,
         })
         .collect();
     let loss_rows: Vec<(usize, usize)> = terms.iter().map(|t| (t.row, t.position)).collect();
-    let (ids, width) = pad(model, tok, std::slice::from_ref(&row))?;
-
-    // The layers below the codebook do not depend on its value: run once.
+    let n_layers = model.spec().n_layers;
+    let mut prefix = KvCache::new(n_layers);
+    if key_pos > 0 {
+        let ids = Tensor::from_slice(&ctx[..key_pos], (1, key_pos), &dev)?;
+        let mut fwd = Forward::new(1, key_pos, &dev).with_cache(&mut prefix);
+        let e = model.embed(&ids, &fwd)?;
+        model.run_layers(e, 0..n_layers, &mut fwd)?;
+    }
+    // The layers below the codebook do not depend on its value either.
     let h_in = {
-        let mut fwd = Forward::new(1, width, &dev);
+        let ids = Tensor::from_slice(&suffix, (1, width), &dev)?;
+        let mut cache = prefix.frozen_prefix(1);
+        let mut fwd = Forward::new(1, width, &dev).with_cache(&mut cache);
         let e = model.embed(&ids, &fwd)?;
         model.run_layers(e, 0..layer, &mut fwd)?
     };
     let key_site = Site::new(layer, SiteKind::MlpIn);
     let out_site = Site::new(layer, SiteKind::MlpOut);
-    let at = vec![(0, key_pos)];
+    let at = vec![(0, 0)];
     let mut hooks = Hooks::new()
         .read(key_site, Positions::Rows(at.clone()))
         .read(out_site, Positions::Rows(at.clone()));
     {
-        let mut fwd = Forward::new(1, width, &dev).with_hooks(&mut hooks);
+        let mut cache = prefix.frozen_prefix(1);
+        let mut fwd = Forward::new(1, width, &dev)
+            .with_cache(&mut cache)
+            .with_hooks(&mut hooks);
         model.run_layers(h_in.clone(), layer..layer + 1, &mut fwd)?;
     }
     let key: Vec<f32> = hooks
@@ -232,7 +247,6 @@ fn edit(
             ..Default::default()
         },
     )?;
-    let n_layers = model.spec().n_layers;
     let mut losses = Vec::with_capacity(h.steps);
     for _ in 0..h.steps {
         let mut hooks = Hooks::new().patch(
@@ -241,7 +255,9 @@ fn edit(
             value.as_tensor().to_dtype(model.dtype())?,
             PatchMode::Set,
         );
+        let mut cache = prefix.frozen_prefix(1);
         let mut fwd = Forward::new(1, width, &dev)
+            .with_cache(&mut cache)
             .with_hooks(&mut hooks)
             .differentiable();
         let top = model.run_layers(h_in.clone(), layer..n_layers, &mut fwd)?;
@@ -299,6 +315,8 @@ fn edit(
         .iter()
         .map(|w| w.to_state(layer))
         .collect::<Result<Vec<_>, _>>()?;
+    let this_entry = writes.last().expect("an edit writes");
+    let scope = scope(model, tok, req, layer, this_entry)?;
     let diagnostics = json!({
         "layer": layer,
         "decision": match decision {
@@ -310,6 +328,7 @@ fn edit(
         "nearest_distance": nearest,
         "entries": n + usize::from(matches!(decision, Decision::Add | Decision::Split { .. })),
         "key_norm": key.iter().map(|x| x * x).sum::<f32>().sqrt(),
+        "scope": scope,
         "loss": losses,
     });
     Ok(MethodOutput {
@@ -317,6 +336,61 @@ fn edit(
         state,
         diagnostics,
     })
+}
+
+/// Whether the request's rephrasings and locality prompts fall within this edit's entry (their
+/// key at the prompt's last token against the entry's key and radius): what GRACE will do with
+/// them, as a diagnostic.
+fn scope(
+    model: &Edited<'_>,
+    tok: &crate::engine::model::Tok,
+    req: &EditRequest,
+    layer: usize,
+    entry: &CodebookWrite,
+) -> Result<serde_json::Value, EditError> {
+    let mut out = serde_json::Map::new();
+    let groups = [
+        ("rephrase", req.rephrase_prompts.clone()),
+        (
+            "locality",
+            req.locality_prompts
+                .iter()
+                .map(|p| p.prompt.clone())
+                .collect(),
+        ),
+    ];
+    for (name, prompts) in groups {
+        if prompts.is_empty() {
+            continue;
+        }
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| Ok(encode_pair(tok, p, &req.target_new_text())?.0))
+            .collect::<Result<_, EditError>>()?;
+        let at: Vec<(usize, usize)> = rows
+            .iter()
+            .enumerate()
+            .map(|(r, x)| (r, x.len() - 1))
+            .collect();
+        let keys: Vec<Vec<f32>> =
+            read_at(model, tok, &rows, &at, Site::new(layer, SiteKind::MlpIn))?
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+        let probes: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|k| {
+                let d = k
+                    .iter()
+                    .zip(&entry.key)
+                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                json!({"distance": d, "in_scope": d <= entry.radius as f64})
+            })
+            .collect();
+        out.insert(name.into(), probes.into());
+    }
+    Ok(out.into())
 }
 
 #[cfg(test)]

@@ -110,7 +110,8 @@ pub struct Codebook {
     radii: Vec<f32>,
     labels: Vec<Vec<u32>>,
     device: Device,
-    /// `(n, key_dim)`, `(1, n)` squared norms, `(n, value_dim)`; `None` while empty.
+    /// Keys transposed `(key_dim, n)` (contiguous, so the distance is one plain matmul),
+    /// `(1, n)` squared norms, values `(n, value_dim)`; `None` while empty.
     tensors: Option<(Tensor, Tensor, Tensor)>,
 }
 
@@ -199,6 +200,7 @@ impl Codebook {
         } else {
             let keys = Tensor::from_vec(self.keys.clone(), (n, self.key_dim), &self.device)?;
             let sq = keys.sqr()?.sum_keepdim(1)?.t()?.contiguous()?;
+            let keys = keys.t()?.contiguous()?;
             let values = Tensor::from_vec(self.values.clone(), (n, self.value_dim), &self.device)?;
             Some((keys, sq, values))
         };
@@ -207,7 +209,7 @@ impl Codebook {
 
     /// The nearest entry and its Euclidean distance for each row of `queries` (`(m, key_dim)`).
     pub fn nearest(&self, queries: &Tensor) -> Result<Vec<(usize, f32)>> {
-        let Some((keys, key_sq, _)) = &self.tensors else {
+        let Some((keys_t, key_sq, _)) = &self.tensors else {
             return Ok(Vec::new());
         };
         let q = queries.to_dtype(DType::F32)?;
@@ -215,7 +217,7 @@ impl Codebook {
         let q_sq = q.sqr()?.sum_keepdim(1)?;
         let d2 = q_sq
             .broadcast_add(key_sq)?
-            .sub(&(q.matmul(&keys.t()?)? * 2.0)?)?
+            .sub(&(q.matmul(keys_t)? * 2.0)?)?
             .clamp(0f32, f32::MAX)?;
         let idx: Vec<u32> = d2.argmin(1)?.to_vec1()?;
         let min: Vec<f32> = d2.min(1)?.to_vec1()?;

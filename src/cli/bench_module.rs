@@ -1,0 +1,136 @@
+//! `emend bench-module`: what a run-time module (GRACE's codebook) costs the forward pass.
+//! Prefill and decode time with codebooks of 0, 100 and 1,000 entries at the default GRACE
+//! layer, batch 1 and 8, against the unedited model in the same run; and the bytes per 1,000
+//! entries (prepared and stored).
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+
+use emend::engine::editing::hparams;
+use emend::engine::editing::Method;
+use emend::engine::model::{CausalLm, LoadedModel, ModelSource, WeightId};
+use emend::engine::overlay::{encode, CodebookWrite, Edited, Overlay, StateEntry};
+
+use super::bench::{cpu_name, decode, median, prefill, prompt, write_marked};
+use super::{load_options, model_path, Global};
+
+#[derive(Args)]
+pub struct BenchModuleArgs {
+    /// Codebook sizes (0: the unedited model).
+    #[arg(long, value_delimiter = ',', default_value = "0,100,1000")]
+    pub entries: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batches: Vec<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    pub decode_tokens: usize,
+    /// Repetitions per measurement; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Write the table into this markdown file (between the module-bench markers).
+    #[arg(long)]
+    pub write_md: Option<std::path::PathBuf>,
+}
+
+/// Uniform [-1, 1) numbers from a fixed LCG: entries far from every real key, so the pass pays
+/// the lookup and never the replacement (the cost every out-of-scope input pays).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
+
+/// A version whose codebook at `layer` has `n` entries of norm about 20 (real keys' norms).
+fn codebook_version(lm: &dyn CausalLm, layer: usize, n: usize) -> Result<Arc<Overlay>> {
+    let (value_dim, key_dim) = lm.weight(WeightId::mlp_down(layer))?.dims2()?;
+    let scale = 20.0 / (key_dim as f32 / 3.0).sqrt();
+    let state: Vec<StateEntry> = (0..n)
+        .map(|i| {
+            CodebookWrite {
+                index: i,
+                key: noise(key_dim, i as u64).iter().map(|x| x * scale).collect(),
+                value: noise(value_dim, i as u64 + 1_000_000),
+                radius: 1.0,
+                label: vec![i as u32],
+            }
+            .to_state(layer)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Overlay::push_with(&Overlay::base(), Vec::new(), state))
+}
+
+pub fn run(g: &Global, a: BenchModuleArgs) -> Result<()> {
+    let source = ModelSource::from_path(&model_path(g)?)?;
+    let m = LoadedModel::load(&source, &load_options(g)?)?;
+    let lm = m.model.as_ref();
+    let grace: Method = "grace".parse()?;
+    let layer = hparams::defaults(grace, lm.spec())["layer"]
+        .as_u64()
+        .unwrap_or(0) as usize;
+    let runs = a.runs.max(1);
+    let vocab = lm.spec().vocab_size;
+    let mut rows = Vec::new();
+    let mut base_ms: std::collections::BTreeMap<(usize, &str), f64> = Default::default();
+    for &n in &a.entries {
+        let version = codebook_version(lm, layer, n)?;
+        let prepared = Arc::new(version.prepare(lm)?);
+        let stored = encode(version.own_deltas(), version.own_state())?.len();
+        let view = Edited::new(lm, prepared.clone());
+        for &b in &a.batches {
+            let ids = prompt(b, a.prompt_tokens, vocab);
+            prefill(&view, &ids, b, a.prompt_tokens, None)?; // warm-up
+            let pre: Vec<f64> = (0..runs)
+                .map(|_| {
+                    let s = Instant::now();
+                    prefill(&view, &ids, b, a.prompt_tokens, None)
+                        .map(|_| s.elapsed().as_secs_f64() * 1e3)
+                })
+                .collect::<Result<_>>()?;
+            let dec: Vec<f64> = (0..runs)
+                .map(|_| {
+                    decode(&view, &ids, b, a.prompt_tokens, a.decode_tokens)
+                        .map(|s| s * 1e3 / a.decode_tokens as f64)
+                })
+                .collect::<Result<_>>()?;
+            for (what, ms) in [("prefill", median(pre)), ("decode", median(dec))] {
+                let base = *base_ms.entry((b, what)).or_insert(ms);
+                rows.push(format!(
+                    "| {n} | {b} | {what} | {ms:.2} | {:+.1} % | {:.2} | {:.2} |",
+                    (ms / base - 1.0) * 100.0,
+                    prepared.bytes() as f64 / 1e6,
+                    stored as f64 / 1e6
+                ));
+            }
+            eprintln!("entries {n}, batch {b} done");
+        }
+    }
+    let table = format!(
+        "GRACE codebook at layer {layer} of {model}, {threads} threads, {cpu}; prompts of {t} tokens, \
+         {d} decode steps, median of {runs} runs; entries far from every key (the lookup, never a \
+         replacement); the first size listed is the baseline.\n\n\
+         | entries | batch | pass | ms (prefill: per pass; decode: per token) | vs baseline | prepared MB | stored MB |\n\
+         |---:|---:|---|---:|---:|---:|---:|\n{}\n",
+        rows.join("\n"),
+        model = m.info.name,
+        threads = std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu = cpu_name(),
+        t = a.prompt_tokens,
+        d = a.decode_tokens,
+    );
+    println!("{table}");
+    if let Some(md) = &a.write_md {
+        write_marked(md, "module-bench", &table)?;
+    }
+    Ok(())
+}

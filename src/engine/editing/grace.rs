@@ -31,7 +31,7 @@ use crate::engine::model::score::encode_pair;
 use crate::engine::model::{
     gather_rows, CausalLm, Forward, Hooks, KvCache, ModelSpec, PatchMode, Positions, Site, SiteKind,
 };
-use crate::engine::overlay::{CodebookWrite, Edited};
+use crate::engine::overlay::{Codebook, CodebookWrite, Edited};
 
 pub struct Grace;
 
@@ -159,126 +159,142 @@ fn cold_value(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn edit(
-    model: &Edited<'_>,
-    tok: &crate::engine::model::Tok,
-    req: &EditRequest,
-    h: &GraceHparams,
-) -> Result<MethodOutput, EditError> {
-    let dev = model.device().clone();
-    let layer = h.layer;
-    let (prompt, _) = req.filled();
-    let (ctx, target) = encode_pair(tok, &prompt, &req.target_new_text())?;
-    let key_pos = ctx.len() - 1;
-    // The window the value is trained on: from the key's position (the prompt's last token)
-    // to the last target token; the positions before it do not depend on the value, so their
-    // keys and values at every layer are computed once.
-    let mut suffix = vec![ctx[key_pos]];
-    suffix.extend_from_slice(&target[..target.len() - 1]);
-    let width = suffix.len();
-    let weight = 1.0 / target.len() as f64;
-    let terms: Vec<TargetTerm> = target
-        .iter()
-        .enumerate()
-        .map(|(j, &token)| TargetTerm {
-            row: 0,
-            position: j,
-            token,
-            weight,
+/// The window a value is trained on: from the key's position (the prompt's last token) to the
+/// last target token. The positions before it do not depend on the value, so their keys and
+/// values at every layer are computed once (`prefix`), and so is the window's input to the
+/// codebook's layer (`h_in`).
+struct Window {
+    prefix: KvCache,
+    h_in: Tensor,
+    width: usize,
+    terms: Vec<TargetTerm>,
+}
+
+impl Window {
+    fn new(
+        model: &Edited<'_>,
+        ctx: &[u32],
+        target: &[u32],
+        layer: usize,
+    ) -> Result<Self, EditError> {
+        let dev = model.device();
+        let key_pos = ctx.len() - 1;
+        let mut suffix = vec![ctx[key_pos]];
+        suffix.extend_from_slice(&target[..target.len() - 1]);
+        let width = suffix.len();
+        let weight = 1.0 / target.len() as f64;
+        let terms = target
+            .iter()
+            .enumerate()
+            .map(|(j, &token)| TargetTerm {
+                row: 0,
+                position: j,
+                token,
+                weight,
+            })
+            .collect();
+        let mut prefix = KvCache::new(model.spec().n_layers);
+        if key_pos > 0 {
+            let ids = Tensor::from_slice(&ctx[..key_pos], (1, key_pos), dev)?;
+            let mut fwd = Forward::new(1, key_pos, dev).with_cache(&mut prefix);
+            let e = model.embed(&ids, &fwd)?;
+            model.run_layers(e, 0..model.spec().n_layers, &mut fwd)?;
+        }
+        let h_in = {
+            let ids = Tensor::from_slice(&suffix, (1, width), dev)?;
+            let mut cache = prefix.frozen_prefix(1);
+            let mut fwd = Forward::new(1, width, dev).with_cache(&mut cache);
+            let e = model.embed(&ids, &fwd)?;
+            model.run_layers(e, 0..layer, &mut fwd)?
+        };
+        Ok(Self {
+            prefix,
+            h_in,
+            width,
+            terms,
         })
-        .collect();
-    let loss_rows: Vec<(usize, usize)> = terms.iter().map(|t| (t.row, t.position)).collect();
-    let n_layers = model.spec().n_layers;
-    let mut prefix = KvCache::new(n_layers);
-    if key_pos > 0 {
-        let ids = Tensor::from_slice(&ctx[..key_pos], (1, key_pos), &dev)?;
-        let mut fwd = Forward::new(1, key_pos, &dev).with_cache(&mut prefix);
-        let e = model.embed(&ids, &fwd)?;
-        model.run_layers(e, 0..n_layers, &mut fwd)?;
     }
-    // The layers below the codebook do not depend on its value either.
-    let h_in = {
-        let ids = Tensor::from_slice(&suffix, (1, width), &dev)?;
-        let mut cache = prefix.frozen_prefix(1);
-        let mut fwd = Forward::new(1, width, &dev).with_cache(&mut cache);
-        let e = model.embed(&ids, &fwd)?;
-        model.run_layers(e, 0..layer, &mut fwd)?
-    };
-    let key_site = Site::new(layer, SiteKind::MlpIn);
-    let out_site = Site::new(layer, SiteKind::MlpOut);
-    let at = vec![(0, 0)];
-    let mut hooks = Hooks::new()
-        .read(key_site, Positions::Rows(at.clone()))
-        .read(out_site, Positions::Rows(at.clone()));
-    {
-        let mut cache = prefix.frozen_prefix(1);
-        let mut fwd = Forward::new(1, width, &dev)
+
+    /// The key entering the down projection and the MLP's output there, at the key's position.
+    fn key_and_output(
+        &self,
+        model: &Edited<'_>,
+        layer: usize,
+    ) -> Result<(Vec<f32>, Tensor), EditError> {
+        let (key_site, out_site) = (
+            Site::new(layer, SiteKind::MlpIn),
+            Site::new(layer, SiteKind::MlpOut),
+        );
+        let mut hooks = Hooks::new()
+            .read(key_site, Positions::Rows(vec![(0, 0)]))
+            .read(out_site, Positions::Rows(vec![(0, 0)]));
+        let mut cache = self.prefix.frozen_prefix(1);
+        let mut fwd = Forward::new(1, self.width, model.device())
             .with_cache(&mut cache)
             .with_hooks(&mut hooks);
-        model.run_layers(h_in.clone(), layer..layer + 1, &mut fwd)?;
+        model.run_layers(self.h_in.clone(), layer..layer + 1, &mut fwd)?;
+        let key = hooks.take(key_site).expect("key read");
+        let out = hooks.take(out_site).expect("output read");
+        Ok((
+            key.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            out.to_dtype(DType::F32)?,
+        ))
     }
-    let key: Vec<f32> = hooks
-        .take(key_site)
-        .expect("key read")
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
-    let out = hooks
-        .take(out_site)
-        .expect("output read")
-        .to_dtype(DType::F32)?;
-    let value_dim = out.dim(1)?;
 
-    let (decision, nearest) = decide(model, layer, &key, &target, h.radius as f32)?;
-    let cb = model.overlay.module(layer);
-    let start: Vec<f32> = match (decision, h.value_init) {
-        (Decision::Extend { entry, .. }, _) => {
-            cb.expect("extended entry").entry(entry).value.to_vec()
+    /// Adam on the value replacing the MLP output at the key's position; the value and the loss
+    /// per step.
+    fn train(
+        &self,
+        model: &Edited<'_>,
+        layer: usize,
+        start: Vec<f32>,
+        h: &GraceHparams,
+    ) -> Result<(Vec<f32>, Vec<f64>), EditError> {
+        let dev = model.device();
+        let n = start.len();
+        let value = Var::from_tensor(&Tensor::from_vec(start, (1, n), dev)?)?;
+        let mut opt = AdamW::new(
+            vec![value.clone()],
+            ParamsAdamW {
+                lr: h.lr,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?;
+        let loss_rows: Vec<(usize, usize)> =
+            self.terms.iter().map(|t| (t.row, t.position)).collect();
+        let mut losses = Vec::with_capacity(h.steps);
+        for _ in 0..h.steps {
+            let mut hooks = Hooks::new().patch(
+                Site::new(layer, SiteKind::MlpOut),
+                vec![(0, 0)],
+                value.as_tensor().to_dtype(model.dtype())?,
+                PatchMode::Set,
+            );
+            let mut cache = self.prefix.frozen_prefix(1);
+            let mut fwd = Forward::new(1, self.width, dev)
+                .with_cache(&mut cache)
+                .with_hooks(&mut hooks)
+                .differentiable();
+            let top =
+                model.run_layers(self.h_in.clone(), layer..model.spec().n_layers, &mut fwd)?;
+            let logits = model.head(&gather_rows(&top, &loss_rows)?, true)?;
+            let loss = weighted_nll(&logits, &self.terms)?;
+            losses.push(loss.to_scalar::<f32>()? as f64);
+            opt.backward_step(&loss)?;
         }
-        (_, ValueInit::Cold) => cold_value(value_dim, h.seed),
-        (_, ValueInit::Warm) => out.flatten_all()?.to_vec1()?,
-    };
-    let value = Var::from_tensor(&Tensor::from_vec(start, (1, value_dim), &dev)?)?;
-    let mut opt = AdamW::new(
-        vec![value.clone()],
-        ParamsAdamW {
-            lr: h.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
-    let mut losses = Vec::with_capacity(h.steps);
-    for _ in 0..h.steps {
-        let mut hooks = Hooks::new().patch(
-            out_site,
-            at.clone(),
-            value.as_tensor().to_dtype(model.dtype())?,
-            PatchMode::Set,
-        );
-        let mut cache = prefix.frozen_prefix(1);
-        let mut fwd = Forward::new(1, width, &dev)
-            .with_cache(&mut cache)
-            .with_hooks(&mut hooks)
-            .differentiable();
-        let top = model.run_layers(h_in.clone(), layer..n_layers, &mut fwd)?;
-        let logits = model.head(&gather_rows(&top, &loss_rows)?, true)?;
-        let loss = weighted_nll(&logits, &terms)?;
-        losses.push(loss.to_scalar::<f32>()? as f64);
-        opt.backward_step(&loss)?;
+        Ok((value.as_tensor().flatten_all()?.to_vec1()?, losses))
     }
-    let value: Vec<f32> = value.as_tensor().flatten_all()?.to_vec1()?;
-    let n = cb.map_or(0, |c| c.len());
-    let new_entry = |radius: f32| CodebookWrite {
-        index: n,
-        key: key.clone(),
-        value: value.clone(),
-        radius,
-        label: target.clone(),
-    };
-    let writes = match decision {
-        Decision::Add => vec![new_entry(h.radius as f32)],
+}
+
+/// What the edit writes into the codebook (`cb`, `None` when empty) for `decision`: the
+/// entry it trained last.
+fn writes(decision: Decision, cb: Option<&Codebook>, new: CodebookWrite) -> Vec<CodebookWrite> {
+    let old = |entry: usize| cb.expect("the decision names an entry").entry(entry);
+    match decision {
+        Decision::Add => vec![new],
         Decision::Split { entry, distance } => {
-            let e = cb.expect("split entry").entry(entry);
+            let e = old(entry);
             vec![
                 CodebookWrite {
                     index: entry,
@@ -287,36 +303,79 @@ fn edit(
                     radius: distance / 2.0 - 1e-5,
                     label: e.label.to_vec(),
                 },
-                new_entry(distance / 2.0),
+                CodebookWrite {
+                    radius: distance / 2.0,
+                    ..new
+                },
             ]
         }
         Decision::Extend { entry, distance } => {
-            let e = cb.expect("extended entry").entry(entry);
+            let e = old(entry);
             vec![CodebookWrite {
                 index: entry,
                 key: e.key.to_vec(),
-                value: value.clone(),
                 radius: e.radius.max(distance),
                 label: e.label.to_vec(),
+                ..new
             }]
         }
         Decision::Replace { entry } => {
-            let e = cb.expect("replaced entry").entry(entry);
+            let e = old(entry);
             vec![CodebookWrite {
                 index: entry,
                 key: e.key.to_vec(),
-                value: value.clone(),
                 radius: e.radius,
-                label: target.clone(),
+                ..new
             }]
         }
+    }
+}
+
+fn edit(
+    model: &Edited<'_>,
+    tok: &crate::engine::model::Tok,
+    req: &EditRequest,
+    h: &GraceHparams,
+) -> Result<MethodOutput, EditError> {
+    let layer = h.layer;
+    let (prompt, _) = req.filled();
+    let (ctx, target) = encode_pair(tok, &prompt, &req.target_new_text())?;
+    let window = Window::new(model, &ctx, &target, layer)?;
+    let (key, out) = window.key_and_output(model, layer)?;
+    let (decision, nearest) = decide(model, layer, &key, &target, h.radius as f32)?;
+    let cb = model.overlay.module(layer);
+    let start: Vec<f32> = match (decision, h.value_init) {
+        (Decision::Extend { entry, .. }, _) => {
+            cb.expect("extended entry").entry(entry).value.to_vec()
+        }
+        (_, ValueInit::Cold) => cold_value(out.dim(1)?, h.seed),
+        (_, ValueInit::Warm) => out.flatten_all()?.to_vec1()?,
     };
+    let (value, losses) = window.train(model, layer, start, h)?;
+    let n = cb.map_or(0, |c| c.len());
+    let key_norm = key.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let writes = writes(
+        decision,
+        cb,
+        CodebookWrite {
+            index: n,
+            key,
+            value,
+            radius: h.radius as f32,
+            label: target,
+        },
+    );
     let state = writes
         .iter()
         .map(|w| w.to_state(layer))
         .collect::<Result<Vec<_>, _>>()?;
-    let this_entry = writes.last().expect("an edit writes");
-    let scope = scope(model, tok, req, layer, this_entry)?;
+    let scope = scope(
+        model,
+        tok,
+        req,
+        layer,
+        writes.last().expect("an edit writes"),
+    )?;
     let diagnostics = json!({
         "layer": layer,
         "decision": match decision {
@@ -327,7 +386,7 @@ fn edit(
         },
         "nearest_distance": nearest,
         "entries": n + usize::from(matches!(decision, Decision::Add | Decision::Split { .. })),
-        "key_norm": key.iter().map(|x| x * x).sum::<f32>().sqrt(),
+        "key_norm": key_norm,
         "scope": scope,
         "loss": losses,
     });

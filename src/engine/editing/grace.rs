@@ -19,6 +19,8 @@
 //! EasyEdit applies it at the position of the last edit's key.
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
@@ -144,19 +146,10 @@ fn decide(
     Ok((decision, Some(distance)))
 }
 
-/// Uniform [0, 1) values from splitmix64 (deterministic per seed).
+/// Uniform [0, 1) values from a generator seeded with `seed`.
 fn cold_value(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 40) as f32 / (1u64 << 24) as f32
-        })
-        .collect()
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random::<f32>()).collect()
 }
 
 /// The window a value is trained on: from the key's position (the prompt's last token) to the

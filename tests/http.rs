@@ -496,6 +496,7 @@ async fn health_metrics_docs_and_openapi() {
         "emend_prompt_tokens_total",
         "emend_sessions",
         "emend_model_load_seconds",
+        "emend_preparation_slices_total",
     ] {
         assert!(text.contains(name), "missing {name}");
     }

@@ -53,10 +53,11 @@ async fn requests_are_served_while_an_edit_makes_its_statistics() {
     .unwrap();
     let tok = model.tokenizer.clone();
     let stats_dir = temp_dir("stats-prepare");
+    let metrics = EngineMetrics::new();
     let engine = Engine::start(
         model,
         EngineLimits::default(),
-        EngineMetrics::new(),
+        metrics.clone(),
         EditingEnv {
             stats_dir: stats_dir.clone(),
             data_dir: Some(shared_dir().join("data")),
@@ -78,8 +79,18 @@ async fn requests_are_served_while_an_edit_makes_its_statistics() {
                 .await
         })
     };
-    // Let the edit reach the engine first.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the edit's preparation has run on the engine, so that the generation arrives
+    // while it is under way.
+    let slices = metrics.preparation_slices_total.clone();
+    let waited = std::time::Instant::now();
+    while slices.get() == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "no preparation slice ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = slices.get();
     let mut events = engine
         .generate(
             ModelView::base(),
@@ -97,12 +108,18 @@ async fn requests_are_served_while_an_edit_makes_its_statistics() {
         }
     };
     assert!(!generated.token_ids.is_empty());
+    let during = slices.get();
     assert!(
         !edit.is_finished(),
         "the generation was answered after the edit, not between its statistics' pieces"
     );
     let steps = edit.await.unwrap().unwrap();
     assert_eq!(steps.len(), 1);
+    assert!(
+        slices.get() > during && during >= before,
+        "slices ran before ({before}) and after ({during} → {}) the generation",
+        slices.get()
+    );
     // The statistics were kept on disk, with their inverse.
     let files: Vec<_> = std::fs::read_dir(&stats_dir)
         .unwrap()

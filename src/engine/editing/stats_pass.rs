@@ -28,6 +28,8 @@ pub struct StatsPass {
     /// f32 partial sums per layer (folded into `sums` every [`FOLD_EVERY`] batches).
     acc: Vec<Tensor>,
     sums: Vec<Vec<f64>>,
+    /// Width of the keys (the MLP's intermediate size); `sums` are `ff × ff`.
+    ff: usize,
     tokens: usize,
     /// The batch in hand and the next layer to run on it (its hidden state in `hidden`).
     batch: usize,
@@ -91,6 +93,7 @@ impl StatsPass {
                 .map(|_| Tensor::zeros((ff, ff), DType::F32, dev))
                 .collect::<Result<_, _>>()?,
             sums: vec![vec![0.0; ff * ff]; layers.len()],
+            ff,
             layers,
             samples,
             model_sha256: model_sha256.to_string(),
@@ -167,7 +170,7 @@ impl StatsPass {
             model.run_layers(h, l..l + 1, &mut fwd)?
         };
         if let Some(i) = read {
-            let ff = self.sums[i].len().isqrt();
+            let ff = self.ff;
             let k = hooks
                 .take(Site::new(l, SiteKind::MlpIn))
                 .expect("key read")
@@ -206,7 +209,7 @@ impl StatsPass {
             seconds,
             "key statistics computed"
         );
-        let ff = self.sums.first().map_or(0, |s| s.len().isqrt());
+        let ff = self.ff;
         let sequences = self.seqs.len();
         let tokens = self.tokens;
         self.layers

@@ -23,6 +23,9 @@ pub struct EngineMetrics {
     pub model_load_seconds: Gauge,
     /// Evaluation requests answered, by lm-eval request kind.
     pub eval_requests_total: IntCounterVec,
+    /// Slices of resource preparation run (statistics pieces, templates, waits on background
+    /// work) between other requests.
+    pub preparation_slices_total: IntCounter,
 }
 
 impl EngineMetrics {
@@ -76,6 +79,11 @@ impl EngineMetrics {
                 &["kind"],
             )
             .expect("valid metric"),
+            preparation_slices_total: IntCounter::new(
+                "emend_preparation_slices_total",
+                "Slices of an edit's resource preparation run on the engine thread",
+            )
+            .expect("valid metric"),
         };
         // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
         for kind in ["loglikelihood", "loglikelihood_rolling", "generate_until"] {
@@ -92,7 +100,8 @@ impl EngineMetrics {
         registry.register(Box::new(self.generation_tokens_total.clone()))?;
         registry.register(Box::new(self.prompt_tokens_total.clone()))?;
         registry.register(Box::new(self.model_load_seconds.clone()))?;
-        registry.register(Box::new(self.eval_requests_total.clone()))
+        registry.register(Box::new(self.eval_requests_total.clone()))?;
+        registry.register(Box::new(self.preparation_slices_total.clone()))
     }
 }
 

@@ -166,6 +166,7 @@ fn prepare_first(
     let step = std::panic::catch_unwind(AssertUnwindSafe(|| {
         p.advance(ctx, lm, &model.tokenizer, slice)
     }));
+    shared.metrics.preparation_slices_total.inc();
     let step = match step {
         Ok(r) => r.map_err(EngineError::Edit),
         Err(p) => Err(EngineError::Panicked(panic_message(p))),

@@ -254,11 +254,14 @@ impl Codebook {
         crate::engine::model::patch_rows(&out, &at, &rows, PatchMode::Set)
     }
 
-    /// Bytes of the entries (host copy; the device copy mirrors it).
+    /// Bytes the codebook holds: the host copy the edits read and the device tensors the
+    /// forward pass reads.
     pub fn bytes(&self) -> usize {
-        self.tensors.as_ref().map_or(0, |(k, s, v)| {
+        let host = (self.keys.len() + self.values.len() + self.radii.len()) * 4
+            + self.labels.iter().map(|l| l.len() * 4).sum::<usize>();
+        host + self.tensors.as_ref().map_or(0, |(k, s, v)| {
             tensor_bytes(k) + tensor_bytes(s) + tensor_bytes(v)
-        }) + self.labels.iter().map(|l| l.len() * 4).sum::<usize>()
+        })
     }
 }
 

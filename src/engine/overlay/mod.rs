@@ -192,6 +192,11 @@ impl Overlay {
     }
 }
 
+/// A codebook's key and value widths: what enters and leaves a layer's down projection.
+fn codebook_dims(model: &dyn CausalLm) -> (usize, usize) {
+    (model.spec().intermediate_size, model.spec().hidden_size)
+}
+
 /// `modules` with the codebook writes among `states` applied in order; only the codebooks
 /// written to are copied.
 fn fold_modules<'s>(
@@ -210,7 +215,7 @@ fn fold_modules<'s>(
                 model.spec().n_layers
             )));
         }
-        let (value_dim, key_dim) = model.weight(WeightId::mlp_down(layer))?.dims2()?;
+        let (key_dim, value_dim) = codebook_dims(model);
         writes
             .entry(layer)
             .or_default()
@@ -220,7 +225,7 @@ fn fold_modules<'s>(
         let mut cb = match modules.get(&layer) {
             Some(cb) => (**cb).clone(),
             None => {
-                let (value_dim, key_dim) = model.weight(WeightId::mlp_down(layer))?.dims2()?;
+                let (key_dim, value_dim) = codebook_dims(model);
                 Codebook::new(key_dim, value_dim, model.device())
             }
         };

@@ -208,6 +208,14 @@ async fn bad_edits_answer_422_naming_the_field_and_leave_the_version() {
             "hparams.layer",
         ),
         (
+            json!({"method": "wise", "edits": [eiffel()], "hparams": {"merge_freq": 750}}),
+            "hparams.merge_freq",
+        ),
+        (
+            json!({"method": "wise", "edits": [eiffel()], "hparams": {"mask_ratio": 0.0}}),
+            "hparams.mask_ratio",
+        ),
+        (
             json!({"method": "ft-l", "edits": [eiffel()], "hparams": {"norm_constraint": 11.0}}),
             "hparams.norm_constraint",
         ),
@@ -424,7 +432,8 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
             "kn",
             "ft-l",
             "ft-m",
-            "grace"
+            "grace",
+            "wise"
         ]
     );
     for m in v["methods"].as_array().unwrap() {
@@ -523,9 +532,18 @@ async fn restart_keeps_versions(db: Option<&str>) {
     .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(v["version"], 3);
+    // Version 4 is a WISE edit: its side memory must come back from the log too.
+    let (s, v) = post_at(
+        &url,
+        &format!("/v1/sessions/{id}/edits"),
+        json!({"method": "wise", "edits": [eiffel()], "hparams": {"steps": 5}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["version"], 4);
     let fork = new_session_at(&url, json!({"from": {"session": id, "version": 2}})).await;
     let mut before = Vec::new();
-    for version in 0..=3 {
+    for version in 0..=4 {
         before.push(probe_at(&url, &id, Some(version)).await);
     }
     let fork_before = probe_at(&url, &fork, None).await;
@@ -539,7 +557,7 @@ async fn restart_keeps_versions(db: Option<&str>) {
     assert_eq!(again, session);
     assert_eq!(
         (again["version"].as_u64(), again["edit_count"].as_u64()),
-        (Some(3), Some(2))
+        (Some(4), Some(3))
     );
     let (_, h) = get_at(&url, &format!("/v1/sessions/{id}/edits")).await;
     assert_eq!(h, history, "the log is restored as it was");
@@ -553,7 +571,7 @@ async fn restart_keeps_versions(db: Option<&str>) {
     assert_eq!(probe_at(&url, &fork, None).await, fork_before);
     // The version counter continues above every restored version.
     let v = edit_at(&url, &id, eiffel()).await;
-    assert_eq!(v["version"], 4, "{v}");
+    assert_eq!(v["version"], 5, "{v}");
 }
 
 /// Greedy continuation of `prompt` at the session's current version.

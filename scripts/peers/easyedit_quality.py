@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""EasyEdit's own ROME / MEMIT / PMET / AlphaEdit / KN / FT-M / GRACE on the CounterFact records emend
+"""EasyEdit's own ROME / MEMIT / PMET / AlphaEdit / KN / FT-M / GRACE / WISE on the CounterFact records emend
 benchmarks, each record edited alone on the unedited model; prints (and writes with --out) the
 JSON report that `emend bench-quality --peer FILE` reads.
 
@@ -7,6 +7,7 @@ JSON report that `emend bench-quality --peer FILE` reads.
     python easyedit_quality.py --method PMET --n 10 --out /tmp/easyedit-quality/pmet.json
     python easyedit_quality.py --method AlphaEdit --n 10 --out /tmp/easyedit-quality/alphaedit.json
     python easyedit_quality.py --method GRACE --n 50 --out /tmp/easyedit-quality/grace.json
+    python easyedit_quality.py --method WISE --n 10 --out /tmp/easyedit-quality/wise.json
 
 Reuses the shared driver /work/shared/peers/easyeditor_edit.py (imported, not copied): the
 "llama-<dir>" symlink that sends BaseEditor down its llama branch, use_local_corpus (EasyEdit's
@@ -74,7 +75,16 @@ METHODS = {
     "KN": ("KNHyperParams", os.path.join(HERE, "hparams", "KN-smollm2-135m.yaml"), "kn", False),
     "FT-M": ("FTHyperParams", os.path.join(HERE, "hparams", "FT-M-smollm2-135m.yaml"), "ft-m", False),
     "GRACE": ("GraceHyperParams", os.path.join(HERE, "hparams", "GRACE-smollm2-135m.yaml"), "grace", False),
+    "WISE": ("WISEHyperParams", os.path.join(HERE, "hparams", "WISE-smollm2-135m.yaml"), "wise", False),
 }
+
+
+def wise_loc_prompts(records_path, n):
+    """WISE's out-of-scope training prompts as EasyEdit's examples/run_wise_editing.py makes them:
+    the train split's locality prompt and answer, one per edit (CounterFact's counterfact-train.json
+    beside the records)."""
+    train = json.load(open(os.path.join(os.path.dirname(records_path), "counterfact-train.json")))[:n]
+    return [r["locality_prompt"] + " " + r["locality_ground_truth"] for r in train]
 
 
 def record_grace_decisions(decisions):
@@ -177,6 +187,8 @@ def main() -> int:
     hparams = getattr(easyeditor, cls_name).from_hparams(hparams_path)
     records = drv.load_records(records_path, args.n)
     layout, inputs = drv.build_inputs(records)
+    if method == "WISE":
+        inputs["loc_prompts"] = wise_loc_prompts(records_path, len(records))
     commit_file = os.path.join(args.easyedit, ".easyedit-commit")
     commit = open(commit_file).read().strip() if os.path.exists(commit_file) else None
 

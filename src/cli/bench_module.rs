@@ -1,7 +1,7 @@
-//! `emend bench-module`: what a run-time module (GRACE's codebook) costs the forward pass.
-//! Prefill and decode time with codebooks of 0, 100 and 1,000 entries at the default GRACE
-//! layer, batch 1 and 8, against the unedited model in the same run; and the bytes per 1,000
-//! entries (prepared and stored).
+//! `emend bench-module`: what a run-time module (GRACE's codebook, WISE's memories) costs the
+//! forward pass. Prefill and decode time after 0, 100 and 1,000 edits at the method's default
+//! layer, batch 1 and 8, against the unedited model in the same run; and the bytes the edits
+//! hold (prepared and stored).
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,14 +13,19 @@ use rand::{Rng, SeedableRng};
 use emend::engine::editing::hparams;
 use emend::engine::editing::Method;
 use emend::engine::model::{CausalLm, LoadedModel, ModelSource, WeightId};
-use emend::engine::overlay::{encode, CodebookWrite, Edited, Overlay, StateEntry};
+use emend::engine::overlay::{
+    encode, shard_mask, CodebookWrite, Edited, Overlay, Scoring, StateEntry, WiseWrite,
+};
 
 use super::bench::{cpu_name, decode, median, prefill, prompt, write_marked};
 use super::{load_options, model_path, Global};
 
 #[derive(Args)]
 pub struct BenchModuleArgs {
-    /// Codebook sizes (0: the unedited model).
+    /// `grace` or `wise`.
+    #[arg(long, default_value = "grace")]
+    pub module: String,
+    /// Edits (codebook entries for GRACE; 0: the unedited model).
     #[arg(long, value_delimiter = ',', default_value = "0,100,1000")]
     pub entries: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
@@ -63,12 +68,57 @@ fn codebook_version(lm: &dyn CausalLm, layer: usize, n: usize) -> Result<Arc<Ove
     Ok(Overlay::push_with(&Overlay::base(), Vec::new(), state))
 }
 
+/// A version after `n` WISE edits at `layer` with EasyEdit's shard schedule (a memory closes
+/// every 500 edits, two merge at 1,000): noise values and an unreachable threshold, so the
+/// router scores every sequence under every memory and routes none.
+fn wise_version(lm: &dyn CausalLm, layer: usize, n: usize) -> Result<Arc<Overlay>> {
+    let (d_out, d_in) = lm.weight(WeightId::mlp_down(layer))?.dims2()?;
+    let mut state = Vec::with_capacity(n);
+    for i in 0..n {
+        let shard = i / 500;
+        let k = shard_mask(0, shard, 0.2, d_out * d_in).len();
+        let write = WiseWrite {
+            edit: i,
+            shard,
+            seed: 0,
+            mask_ratio: 0.2,
+            score: 1e9,
+            act_ratio: 0.88,
+            close: (i + 1).is_multiple_of(500),
+            merge: if (i + 1).is_multiple_of(1000) { 2 } else { 0 },
+            density: 0.53,
+            scoring: Scoring::Max,
+            values: noise(k, i as u64).iter().map(|x| x * 0.01).collect(),
+        };
+        state.push(write.to_state(layer)?);
+    }
+    // One version per edit, as a session stores them.
+    Ok(state.into_iter().fold(Overlay::base(), |o, s| {
+        Overlay::push_with(&o, Vec::new(), vec![s])
+    }))
+}
+
+/// Bytes a version's chain stores (the log's rows from the base up).
+fn stored_bytes(mut v: &Overlay) -> Result<usize> {
+    let mut total = 0;
+    loop {
+        total += encode(v.own_deltas(), v.own_state())?.len();
+        match v.parent() {
+            Some(p) => v = p,
+            None => return Ok(total),
+        }
+    }
+}
+
 pub fn run(g: &Global, a: BenchModuleArgs) -> Result<()> {
     let source = ModelSource::from_path(&model_path(g)?)?;
     let m = LoadedModel::load(&source, &load_options(g)?)?;
     let lm = m.model.as_ref();
-    let grace: Method = "grace".parse()?;
-    let layer = hparams::defaults(grace, lm.spec())["layer"]
+    let method: Method = a.module.parse()?;
+    if !matches!(method.name(), "grace" | "wise") {
+        anyhow::bail!("--module takes grace or wise");
+    }
+    let layer = hparams::defaults(method, lm.spec())["layer"]
         .as_u64()
         .unwrap_or(0) as usize;
     let runs = a.runs.max(1);
@@ -76,9 +126,12 @@ pub fn run(g: &Global, a: BenchModuleArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut base_ms: std::collections::BTreeMap<(usize, &str), f64> = Default::default();
     for &n in &a.entries {
-        let version = codebook_version(lm, layer, n)?;
+        let version = match method.name() {
+            "grace" => codebook_version(lm, layer, n)?,
+            _ => wise_version(lm, layer, n)?,
+        };
         let prepared = Arc::new(version.prepare(lm)?);
-        let stored = encode(version.own_deltas(), version.own_state())?.len();
+        let stored = stored_bytes(&version)?;
         let view = Edited::new(lm, prepared.clone());
         for &b in &a.batches {
             let ids = prompt(b, a.prompt_tokens, vocab);
@@ -108,11 +161,17 @@ pub fn run(g: &Global, a: BenchModuleArgs) -> Result<()> {
             eprintln!("entries {n}, batch {b} done");
         }
     }
+    let what = match method.name() {
+        "grace" => "GRACE codebook; entries far from every key (the lookup, never a replacement)",
+        _ => {
+            "WISE memories (a memory closes every 500 edits, two merge at 1,000); noise values \
+              and an unreachable threshold (every memory scored, no row routed)"
+        }
+    };
     let table = format!(
-        "GRACE codebook at layer {layer} of {model}, {threads} threads, {cpu}; prompts of {t} tokens, \
-         {d} decode steps, median of {runs} runs; entries far from every key (the lookup, never a \
-         replacement); the first size listed is the baseline.\n\n\
-         | entries | batch | pass | ms (prefill: per pass; decode: per token) | vs baseline | prepared MB | stored MB |\n\
+        "{what}, at layer {layer} of {model}, {threads} threads, {cpu}; prompts of {t} tokens, \
+         {d} decode steps, median of {runs} runs; the first size listed is the baseline.\n\n\
+         | edits | batch | pass | ms (prefill: per pass; decode: per token) | vs baseline | prepared MB | stored MB |\n\
          |---:|---:|---|---:|---:|---:|---:|\n{}\n",
         rows.join("\n"),
         model = m.info.name,
@@ -123,7 +182,11 @@ pub fn run(g: &Global, a: BenchModuleArgs) -> Result<()> {
     );
     println!("{table}");
     if let Some(md) = &a.write_md {
-        write_marked(md, "module-bench", &table)?;
+        let marker = match method.name() {
+            "grace" => "module-bench",
+            _ => "module-bench-wise",
+        };
+        write_marked(md, marker, &table)?;
     }
     Ok(())
 }

@@ -102,6 +102,9 @@ impl EditContext {
                     out.stats
                         .extend(layers.iter().copied().zip(st).collect::<BTreeMap<_, _>>());
                 }
+                Resource::CorpusSnippets { count } => {
+                    out.snippets = Some(Arc::new(self.stats.snippets(base, tok, *count)?));
+                }
                 Resource::NullSpace {
                     layers,
                     samples,

@@ -120,7 +120,7 @@ fn decide(
     label: &[u32],
     radius: f32,
 ) -> Result<(Decision, Option<f32>), EditError> {
-    let Some(cb) = model.overlay.module(layer).filter(|c| !c.is_empty()) else {
+    let Some(cb) = model.overlay.codebook(layer).filter(|c| !c.is_empty()) else {
         return Ok((Decision::Add, None));
     };
     let q = Tensor::from_slice(key, (1, key.len()), model.device())?;
@@ -336,7 +336,7 @@ fn edit(
     let window = Window::new(model, &ctx, &target, layer)?;
     let (key, out) = window.key_and_output(model, layer)?;
     let (decision, nearest) = decide(model, layer, &key, &target, h.radius as f32)?;
-    let cb = model.overlay.module(layer);
+    let cb = model.overlay.codebook(layer);
     let start: Vec<f32> = match (decision, h.value_init) {
         (Decision::Extend { entry, .. }, _) => {
             cb.expect("extended entry").entry(entry).value.to_vec()

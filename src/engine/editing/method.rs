@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::nullspace::NullSpace;
 use super::stats::LayerStats;
-use super::{alphaedit, ft, grace, hparams, kn, memit, pmet, rome, EditError, EditRequest};
+use super::{alphaedit, ft, grace, hparams, kn, memit, pmet, rome, wise, EditError, EditRequest};
 use crate::engine::model::{ModelSpec, Tok};
 use crate::engine::overlay::{Delta, Edited, Overlay, StateEntry};
 
@@ -26,6 +26,7 @@ static REGISTRY: &[&dyn EditMethod] = &[
     &ft::FtL,
     &ft::FtM,
     &grace::Grace,
+    &wise::Wise,
 ];
 
 /// Something a method needs that is computed once and shared across edits; the engine acquires
@@ -46,6 +47,9 @@ pub enum Resource {
         samples: usize,
         threshold: f64,
     },
+    /// The first sentences of the statistics corpus's first `count` articles: text unrelated
+    /// to any edit.
+    CorpusSnippets { count: usize },
 }
 
 /// The acquired resources of one edit.
@@ -54,6 +58,7 @@ pub struct Resources {
     pub(super) stats: BTreeMap<usize, Arc<LayerStats>>,
     pub(super) templates: Option<Arc<Vec<String>>>,
     pub(super) null_spaces: BTreeMap<usize, Arc<NullSpace>>,
+    pub(super) snippets: Option<Arc<Vec<String>>>,
 }
 
 impl Resources {
@@ -69,6 +74,15 @@ impl Resources {
         self.null_spaces.get(&layer).ok_or_else(|| {
             EditError::Stats(format!("no null space was acquired for layer {layer}"))
         })
+    }
+
+    /// The corpus snippets (declared as [`Resource::CorpusSnippets`]).
+    pub fn snippets(&self) -> Result<&[String], EditError> {
+        self.snippets
+            .as_deref()
+            .map(Vec::as_slice)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| EditError::Stats("no corpus snippets were acquired".into()))
     }
 
     /// The context templates (declared as [`Resource::ContextTemplates`]).

@@ -33,6 +33,7 @@ mod nullspace;
 mod pmet;
 mod prepare;
 mod rome;
+mod wise;
 
 pub use compute::{apply, apply_prepared, remeasure, EditContext, MeasureOptions};
 pub use ft::FtHparams;

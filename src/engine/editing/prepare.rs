@@ -94,6 +94,8 @@ impl EditContext {
                         }
                     }
                 }
+                // Read from the corpus files at the edit: nothing to prepare.
+                Resource::CorpusSnippets { .. } => {}
             }
         }
         if pieces.is_empty() {

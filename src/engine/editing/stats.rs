@@ -318,6 +318,28 @@ impl StatsCache {
         Ok(s)
     }
 
+    /// The first sentence (up to about 160 characters) of each of the corpus's first `count`
+    /// articles: prompts unrelated to any edit, for methods that train against them (WISE's
+    /// out-of-scope rows). Without a corpus, the generated stand-in's texts, cut the same way.
+    pub fn snippets(
+        &self,
+        model: &dyn CausalLm,
+        tok: &Tok,
+        count: usize,
+    ) -> Result<Vec<String>, EditError> {
+        let corpus = match self.corpus() {
+            Some(c) => c,
+            None => Arc::new(Self::generated(model, tok, count)?),
+        };
+        Ok(corpus
+            .texts
+            .iter()
+            .map(|t| first_sentence(t.lines().nth(1).unwrap_or(t)))
+            .filter(|s| !s.is_empty())
+            .take(count)
+            .collect())
+    }
+
     /// Statistics of `layers`, computing (in one pass over the corpus) those not cached.
     pub fn get(
         &self,
@@ -347,6 +369,29 @@ impl StatsCache {
             })
             .collect()
     }
+}
+
+/// `text` up to the end of its first sentence after 40 characters, else cut at a space before
+/// 160 characters.
+fn first_sentence(text: &str) -> String {
+    let text = text.trim();
+    let limit = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= 160)
+        .unwrap_or(text.len());
+    let head = &text[..limit];
+    if let Some(end) = head
+        .match_indices(". ")
+        .map(|(i, _)| i + 1)
+        .find(|&i| i >= 40)
+    {
+        return head[..end].to_string();
+    }
+    if limit == text.len() {
+        return head.to_string();
+    }
+    head.rsplit_once(' ').map_or(head, |(a, _)| a).to_string()
 }
 
 fn write(path: &Path, s: &LayerStats) -> Result<(), String> {

@@ -68,6 +68,12 @@ pub trait CausalLm: Send + Sync {
     fn device(&self) -> &Device;
     fn dtype(&self) -> DType;
 
+    /// True when a run-time module decides per sequence (WISE's router), so that a KV-cached
+    /// prefix of one sequence must not be reused for another.
+    fn routes_per_sequence(&self) -> bool {
+        false
+    }
+
     /// Every site this model exposes, in forward order.
     fn sites(&self) -> Vec<Site> {
         (0..self.spec().n_layers)

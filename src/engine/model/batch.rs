@@ -14,6 +14,9 @@ pub struct Forward<'a> {
     seq: usize,
     past: usize,
     pad_left: Vec<usize>,
+    /// Each row's real length when rows are right-padded (per-sequence modules average over
+    /// real tokens only).
+    lengths: Option<Vec<usize>>,
     device: Device,
     pub(crate) cache: Option<&'a mut KvCache>,
     pub(crate) hooks: Option<&'a mut Hooks>,
@@ -33,6 +36,7 @@ impl<'a> Forward<'a> {
             seq,
             past: 0,
             pad_left: vec![0; batch],
+            lengths: None,
             device: device.clone(),
             cache: None,
             hooks: None,
@@ -50,6 +54,13 @@ impl<'a> Forward<'a> {
         if let Some(c) = self.cache.as_deref_mut() {
             c.set_pad_left(self.pad_left.clone());
         }
+        self
+    }
+
+    /// Each row's real length in this window (the rest is right padding).
+    pub fn with_lengths(mut self, lengths: Vec<usize>) -> Self {
+        assert_eq!(lengths.len(), self.batch, "one length per row");
+        self.lengths = Some(lengths);
         self
     }
 
@@ -108,13 +119,48 @@ impl<'a> Forward<'a> {
         }
     }
 
-    /// The MLP output `out` of `layer` through the session's run-time module there, if any
-    /// (`key` is what entered the down projection).
-    pub(crate) fn mlp_module(&self, layer: usize, key: &Tensor, out: Tensor) -> Result<Tensor> {
-        match self.overlay.as_deref().and_then(|o| o.module(layer)) {
-            None => Ok(out),
-            Some(m) => m.apply(key, out),
+    /// The MLP output `out` of `layer` through the session's run-time modules there, if any
+    /// (`key` is what entered the down projection): GRACE's codebook, then WISE's memories,
+    /// whose per-sequence decisions the KV cache holds for later windows.
+    pub(crate) fn mlp_module(&mut self, layer: usize, key: &Tensor, out: Tensor) -> Result<Tensor> {
+        let Some(overlay) = self.overlay.clone() else {
+            return Ok(out);
+        };
+        let out = match overlay.codebook(layer) {
+            None => out,
+            Some(m) => m.apply(key, out)?,
+        };
+        let Some(wise) = overlay.wise(layer) else {
+            return Ok(out);
+        };
+        let held = self
+            .cache
+            .as_deref()
+            .and_then(|c| c.routes(layer))
+            .filter(|r| r.len() == self.batch)
+            .map(<[Option<usize>]>::to_vec);
+        let spans = self.spans();
+        let (out, routes) = wise.apply(key, out, &spans, held.as_deref())?;
+        if held.is_none() {
+            if let Some(c) = self.cache.as_deref_mut() {
+                c.set_routes(layer, routes);
+            }
         }
+        Ok(out)
+    }
+
+    /// Where each row's real tokens are in this window.
+    fn spans(&self) -> Vec<std::ops::Range<usize>> {
+        (0..self.batch)
+            .map(|r| {
+                let start = self.pad_left[r].saturating_sub(self.past).min(self.seq);
+                let end = self
+                    .lengths
+                    .as_ref()
+                    .map_or(self.seq, |l| l[r].min(self.seq));
+                start..end.max(start)
+            })
+            .collect()
     }
 
     /// Restricts the pass to ops with a backward (needed when hooks carry gradients).

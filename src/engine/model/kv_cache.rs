@@ -1,3 +1,5 @@
+use std::collections::BTreeMap;
+
 use candle_core::Tensor;
 
 use super::Result;
@@ -10,6 +12,9 @@ pub struct KvCache {
     pad_left: Vec<usize>,
     /// A shared prefix read by a batch: one row broadcast to every row, never appended to.
     frozen: bool,
+    /// Per layer, the memory each row's sequence was routed to by a per-sequence module
+    /// (WISE), decided on its first window and held for the rest of it.
+    routes: BTreeMap<usize, Vec<Option<usize>>>,
 }
 
 impl KvCache {
@@ -18,6 +23,7 @@ impl KvCache {
             layers: vec![None; n_layers],
             pad_left: Vec::new(),
             frozen: false,
+            routes: BTreeMap::new(),
         }
     }
 
@@ -42,6 +48,15 @@ impl KvCache {
 
     pub(crate) fn set_pad_left(&mut self, pad: Vec<usize>) {
         self.pad_left = pad;
+    }
+
+    /// The routes held for `layer`, one per row, if a window decided them.
+    pub(crate) fn routes(&self, layer: usize) -> Option<&[Option<usize>]> {
+        self.routes.get(&layer).map(Vec::as_slice)
+    }
+
+    pub(crate) fn set_routes(&mut self, layer: usize, routes: Vec<Option<usize>>) {
+        self.routes.insert(layer, routes);
     }
 
     /// Appends this window's keys and values for `layer`; returns the full history.
@@ -79,10 +94,19 @@ impl KvCache {
     /// forward sees the prefix's keys and values broadcast, and nothing is appended, so one
     /// prefix serves any number of batches without copies.
     pub fn frozen_prefix(&self, batch: usize) -> Self {
+        let routes = self
+            .routes
+            .iter()
+            .map(|(&l, r)| match r.as_slice() {
+                [one] => (l, vec![*one; batch]),
+                _ => (l, r.clone()),
+            })
+            .collect();
         Self {
             layers: self.layers.clone(),
             pad_left: vec![0; batch],
             frozen: true,
+            routes,
         }
     }
 
@@ -99,6 +123,9 @@ impl KvCache {
 
     /// Keeps only the given batch rows (finished sequences leave the batch).
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        for r in self.routes.values_mut() {
+            *r = rows.iter().map(|&i| r.get(i).copied().flatten()).collect();
+        }
         let Some(dev) = self
             .layers
             .iter()

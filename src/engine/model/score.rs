@@ -173,6 +173,10 @@ fn run_inputs(
     // the tokens it saves (one prefix pass for all members) outweigh what a shorter shared
     // prefix costs the members already in it: n·l' > (n−1)·l.
     let mut order: Vec<usize> = (0..inputs.len()).collect();
+    // A per-sequence module decides on a sequence's whole input: no prefix is shared.
+    if model.routes_per_sequence() {
+        return run_batches(model, inputs, order, 0, None, budget, on_logits);
+    }
     order.sort_by(|&a, &b| inputs[a].tokens.cmp(inputs[b].tokens));
     let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
     for &u in &order {
@@ -303,7 +307,8 @@ fn forward_rows(
     }
     let input = Tensor::from_vec(ids, (b, width), dev)?;
     let mut frozen = prefix.map(|c| c.frozen_prefix(b));
-    let mut fwd = Forward::new(b, width, dev);
+    let mut fwd =
+        Forward::new(b, width, dev).with_lengths(items.iter().map(|x| x.tokens.len()).collect());
     if let Some(c) = frozen.as_mut() {
         fwd = fwd.with_cache(c);
     }

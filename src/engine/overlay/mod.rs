@@ -5,8 +5,8 @@
 //! their history and a rollback is only a pointer move. A forward pass runs against a
 //! [`PreparedOverlay`]: per edited weight the stacked low-rank factors (`y = W x + U (Vᵀ x)`),
 //! or one dense copy `W + U Vᵀ` once the stacked rank makes the dense product cheaper.
-//! Run-time modules (GRACE's [`Codebook`]) are folded from the chain's method state the same
-//! way and act inside the forward pass. Preparing is a pure function of the chain, so the same
+//! Run-time modules (GRACE's [`Codebook`], WISE's [`WiseMemory`]) are folded from the chain's
+//! method state the same way and act inside the forward pass. Preparing is a pure function of the chain, so the same
 //! version always yields bit-identical logits.
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -19,10 +19,14 @@ use super::model::{CausalLm, Forward, ModelError, ModelSpec, Result, WeightId};
 mod codebook;
 mod delta;
 mod format;
+mod wise_memory;
 
 pub use codebook::{Codebook, CodebookWrite, Entry};
 pub use delta::{Delta, StateEntry};
 pub use format::{decode, encode, VersionData, FORMAT_VERSION};
+pub use wise_memory::{
+    activation_distance, shard_mask, Activation, Scoring, Span, WiseMemory, WiseWrite,
+};
 
 /// One version of a session: its edit's deltas and state on top of the version it was applied
 /// to.
@@ -131,9 +135,18 @@ impl Overlay {
         for (id, ds) in by_weight(self.chain(), model)? {
             weights.insert(id, patch(model, id, &ds)?);
         }
-        let states = self.nodes().into_iter().flat_map(|n| n.state.iter());
-        let modules = fold_modules(model, BTreeMap::new(), states)?;
-        Ok(PreparedOverlay { weights, modules })
+        let states: Vec<&StateEntry> = self
+            .nodes()
+            .into_iter()
+            .flat_map(|n| n.state.iter())
+            .collect();
+        let modules = fold_modules(model, BTreeMap::new(), states.iter().copied())?;
+        let wise = fold_wise(model, BTreeMap::new(), states.iter().copied())?;
+        Ok(PreparedOverlay {
+            weights,
+            modules,
+            wise,
+        })
     }
 
     /// The same overlay as [`Overlay::prepare`], bit for bit, built from `parent`, the prepared
@@ -188,7 +201,12 @@ impl Overlay {
             weights.insert(id, next);
         }
         let modules = fold_modules(model, parent.modules.clone(), self.state.iter())?;
-        Ok(PreparedOverlay { weights, modules })
+        let wise = fold_wise(model, parent.wise.clone(), self.state.iter())?;
+        Ok(PreparedOverlay {
+            weights,
+            modules,
+            wise,
+        })
     }
 }
 
@@ -233,6 +251,48 @@ fn fold_modules<'s>(
         modules.insert(layer, Arc::new(cb));
     }
     Ok(modules)
+}
+
+/// `memories` with the WISE writes among `states` applied in order; only the layers written to
+/// are copied.
+fn fold_wise<'s>(
+    model: &dyn CausalLm,
+    mut memories: BTreeMap<usize, Arc<WiseMemory>>,
+    states: impl Iterator<Item = &'s StateEntry>,
+) -> Result<BTreeMap<usize, Arc<WiseMemory>>> {
+    let mut writes: BTreeMap<usize, Vec<WiseWrite>> = BTreeMap::new();
+    for s in states {
+        let Some(layer) = WiseWrite::layer_of(&s.name) else {
+            continue;
+        };
+        if layer >= model.spec().n_layers {
+            return Err(ModelError::InvalidInput(format!(
+                "WISE memory at layer {layer} but the model has {} layers",
+                model.spec().n_layers
+            )));
+        }
+        writes
+            .entry(layer)
+            .or_default()
+            .push(WiseWrite::from_state(&s.tensor)?);
+    }
+    for (layer, ws) in writes {
+        let mut m = match memories.get(&layer) {
+            Some(m) => (**m).clone(),
+            None => {
+                let spec = model.spec();
+                WiseMemory::new(
+                    spec.hidden_size,
+                    spec.intermediate_size,
+                    Activation::of(spec.architecture),
+                    model.device(),
+                )
+            }
+        };
+        m.write_all(&ws)?;
+        memories.insert(layer, Arc::new(m));
+    }
+    Ok(memories)
 }
 
 /// `deltas` grouped by weight, in order; refuses a weight the model does not have.
@@ -327,8 +387,10 @@ pub enum LayerPatch {
 #[derive(Debug, Clone, Default)]
 pub struct PreparedOverlay {
     weights: BTreeMap<WeightId, LayerPatch>,
-    /// Run-time modules at layers' MLP outputs.
+    /// GRACE's codebooks at layers' MLP outputs.
     modules: BTreeMap<usize, Arc<Codebook>>,
+    /// WISE's side memories at layers' down projections.
+    wise: BTreeMap<usize, Arc<WiseMemory>>,
 }
 
 impl PreparedOverlay {
@@ -341,13 +403,32 @@ impl PreparedOverlay {
         self.weights.keys().copied()
     }
 
-    /// The run-time module at `layer`'s MLP output, if the chain wrote one.
-    pub fn module(&self, layer: usize) -> Option<&Codebook> {
+    /// GRACE's codebook at `layer`'s MLP output, if the chain wrote one.
+    pub fn codebook(&self, layer: usize) -> Option<&Codebook> {
         self.modules.get(&layer).map(|m| m.as_ref())
     }
 
+    /// WISE's memories at `layer`, if the chain wrote any.
+    pub fn wise(&self, layer: usize) -> Option<&WiseMemory> {
+        self.wise.get(&layer).map(|m| m.as_ref())
+    }
+
+    /// The same overlay without WISE's memories at `layer`: what WISE trains a new edit on
+    /// (EasyEdit's adapter in editing mode runs the side memory alone, unrouted).
+    pub fn without_wise(&self, layer: usize) -> Self {
+        let mut o = self.clone();
+        o.wise.remove(&layer);
+        o
+    }
+
+    /// True when a module decides per sequence (WISE): such a sequence's result depends on all
+    /// of its tokens, so a prefix computed for another sequence cannot be reused for it.
+    pub fn routes_per_sequence(&self) -> bool {
+        self.wise.values().any(|m| m.memories() > 0)
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.weights.is_empty() && self.modules.is_empty()
+        self.weights.is_empty() && self.modules.is_empty() && self.wise.is_empty()
     }
 
     pub fn bytes(&self) -> usize {
@@ -359,6 +440,7 @@ impl PreparedOverlay {
             })
             .sum::<usize>()
             + self.modules.values().map(|m| m.bytes()).sum::<usize>()
+            + self.wise.values().map(|m| m.bytes()).sum::<usize>()
     }
 }
 
@@ -410,6 +492,9 @@ impl CausalLm for Edited<'_> {
     }
     fn dtype(&self) -> DType {
         self.base.dtype()
+    }
+    fn routes_per_sequence(&self) -> bool {
+        self.overlay.routes_per_sequence()
     }
 }
 

@@ -216,6 +216,10 @@ async fn bad_edits_answer_422_naming_the_field_and_leave_the_version() {
             "hparams.mask_ratio",
         ),
         (
+            json!({"method": "wise", "edits": [eiffel()], "hparams": {"layer": 30}}),
+            "hparams.layer",
+        ),
+        (
             json!({"method": "ft-l", "edits": [eiffel()], "hparams": {"norm_constraint": 11.0}}),
             "hparams.norm_constraint",
         ),

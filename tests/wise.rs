@@ -47,11 +47,17 @@ fn wise_moves_the_eiffel_tower_and_routes_other_prompts_to_the_unedited_layer() 
     assert_eq!(r.post.locality, Some(1.0), "{:?}", r.post);
     assert!(steps[0].deltas.is_empty(), "WISE leaves the weights alone");
     // The corpus sentence trained against scores below the router's threshold (0.88 of the
-    // in-scope rows' mean score).
+    // in-scope rows' smallest score), and so do the request's neighbourhood prompts.
     let out = d["out_of_scope_score"].as_f64().unwrap();
-    let inside = d["in_scope_scores"].as_array().unwrap();
-    let mean = inside.iter().map(|s| s.as_f64().unwrap()).sum::<f64>() / inside.len() as f64;
-    assert!(out < 0.88 * mean, "{d}");
+    let least = d["in_scope_scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert!(out < 0.88 * least, "{d}");
+    assert_eq!(d["scope"]["prompt"][0]["routed"], true, "{d}");
+    assert_eq!(d["scope"]["locality"][0]["routed"], false, "{d}");
     let v1 = chain(&base, &steps);
     let edited = view(m, &v1);
 

@@ -22,6 +22,9 @@
 //! a row's real tokens, not its padding; SGD's weight decay is left out (it would move every
 //! entry of the weight, not only the shard's, by about 7·10⁻⁴ of its value over 70 steps);
 //! the shard masks come from a fixed hash of (seed, shard), so the log replays them exactly;
+//! an edit's in-scope score, which thresholds are made from, is the smallest of its rows'
+//! (EasyEdit averages them: on the first 8 CounterFact records that left 3 edit prompts just under
+//! their own threshold, 52.3 against 53.6, 75.3 against 75.3 and 120.2 against 129.6);
 //! the router decides per sequence (EasyEdit averages the score over the batch) and holds its
 //! decision over a generation (EasyEdit routes each decode step's single token afresh); the
 //! default score of a sequence is its largest token distance (`router_score`; EasyEdit's mean
@@ -105,7 +108,7 @@ pub struct WiseHparams {
     /// Share of each memory's largest entries a TIES merge keeps (EasyEdit's `densities`).
     #[schema(minimum = 0.01, maximum = 1.0)]
     pub density: f64,
-    /// Seed of the shard masks.
+    /// Seed of the shard masks (and `mask_ratio`: both take effect when a shard opens).
     #[schema(minimum = 0, maximum = 16777215)]
     pub seed: u32,
     /// Context templates the edit prompt is trained in (besides the bare prompt).
@@ -394,13 +397,24 @@ fn train(
     };
     let scores =
         |d: &Tensor, means: &Tensor| -> Result<Tensor, EditError> { Ok((d * means)?.sum(1)?) };
+    // Only the template rows carry loss terms: the layers above run on them alone, as wide as
+    // the longest of them (the corpus row is often the longest).
+    let (tb, tw) = (
+        b - 1,
+        rows.lengths[..b - 1].iter().copied().max().unwrap_or(1),
+    );
+    let residual = base.residual.narrow(0, 0, tb)?.narrow(1, 0, tw)?;
     let mut losses = Vec::with_capacity(h.steps);
     for _ in 0..h.steps {
         let add = base.keys.matmul(&delta.as_tensor().t()?)?;
-        let hidden =
-            (&base.residual + add.reshape((b, w, ()))?.to_dtype(base.residual.dtype())?)?;
-        let mut fwd = Forward::new(b, w, dev)
-            .with_lengths(rows.lengths.clone())
+        let above = add
+            .reshape((b, w, ()))?
+            .narrow(0, 0, tb)?
+            .narrow(1, 0, tw)?
+            .to_dtype(residual.dtype())?;
+        let hidden = (&residual + above)?;
+        let mut fwd = Forward::new(tb, tw, dev)
+            .with_lengths(rows.lengths[..tb].to_vec())
             .differentiable();
         let top = model.run_layers(hidden, layer + 1..n_layers, &mut fwd)?;
         let logits = model.head(&gather_rows(&top, &loss_rows)?, true)?;
@@ -457,11 +471,10 @@ fn edit(
     let memory = input.model.overlay.wise(layer);
     let n = memory.map_or(0, |m| m.edits());
     let shard = memory.map_or(0, |m| m.next_shard());
-    // The open shard's mask and values, or a fresh shard's.
-    let (mask, values) = match memory.and_then(|m| m.open()) {
-        Some((s, seed, mask, values)) if s == shard && seed == h.seed => {
-            (mask.to_vec(), values.to_vec())
-        }
+    // The open shard's seed, mask and values (`seed` and `mask_ratio` take effect when a shard
+    // opens), or a fresh shard's.
+    let (seed, mask, values) = match memory.and_then(|m| m.open()) {
+        Some((s, seed, mask, values)) if s == shard => (seed, mask.to_vec(), values.to_vec()),
         _ => {
             let mask = crate::engine::overlay::shard_mask(
                 h.seed,
@@ -470,7 +483,7 @@ fn edit(
                 d_out * d_in,
             );
             let zeros = vec![0.0; mask.len()];
-            (mask, zeros)
+            (h.seed, mask, zeros)
         }
     };
     let mut start = vec![0f32; d_out * d_in];
@@ -499,7 +512,9 @@ fn edit(
     let t = train(&model, &rows, start, &mask_t, act, h)?;
     let flat: Vec<f32> = t.delta.flatten_all()?.to_vec1()?;
     let values: Vec<f32> = mask.iter().map(|&i| flat[i as usize]).collect();
-    let score = t.in_scores.iter().sum::<f32>() / t.in_scores.len().max(1) as f32;
+    // The edit's score is its rows' smallest (EasyEdit: their mean), the bare prompt's row
+    // among them, so that the edit prompt itself always clears `act_ratio` of it.
+    let score = t.in_scores.iter().copied().fold(f32::INFINITY, f32::min);
     let min_score = memory
         .and_then(|m| m.open_min_score(shard))
         .unwrap_or(f32::INFINITY)
@@ -521,7 +536,7 @@ fn edit(
     let write = WiseWrite {
         edit: n,
         shard,
-        seed: h.seed,
+        seed,
         mask_ratio: h.mask_ratio as f32,
         score,
         act_ratio: h.act_ratio as f32,

@@ -8,11 +8,13 @@ mod common;
 use std::sync::Arc;
 
 use emend::engine::editing::{EditRequest, Method};
-use emend::engine::model::generate::{generate, GenParams};
 use emend::engine::overlay::{decode, encode, Edited, Overlay};
 use serde_json::{json, Value};
 
-use common::editing::{apply, chain, eiffel, greedy, view, UNRELATED};
+use common::editing::{
+    apply, assert_padded_batch_rows_alone, assert_unrelated_bit_identical, chain, eiffel, greedy,
+    view, UNRELATED,
+};
 use common::{all_logits, default_model};
 
 fn grace() -> Method {
@@ -49,7 +51,6 @@ fn tokens(prompt: &str) -> Vec<u32> {
 #[test]
 fn grace_moves_the_eiffel_tower_and_leaves_every_other_prompt_bit_identical() {
     let m = default_model();
-    let base_model = m.model.as_ref();
     let base = Overlay::base();
     let steps = apply(&base, grace(), &[eiffel()], hparams());
     let r = &steps[0].reports[0];
@@ -66,52 +67,22 @@ fn grace_moves_the_eiffel_tower_and_leaves_every_other_prompt_bit_identical() {
     let out = greedy(&edited, prompt, 16);
     assert!(out.starts_with(" Rome"), "{out:?}");
     // Out of scope: the base model's logits, bit for bit.
-    for p in UNRELATED {
-        assert_eq!(
-            all_logits(&edited, &tokens(p)),
-            all_logits(base_model, &tokens(p)),
-            "{p}"
-        );
-    }
-    // One-pass scoring of the generated sequence agrees with the cached generation at every
-    // step: each generated token is the argmax after its prefix.
-    let tok = &m.tokenizer;
-    let params = GenParams {
-        max_tokens: 16,
-        ..GenParams::default()
-    };
+    assert_unrelated_bit_identical(&edited);
+    // A left-padded batch: each row generates what it does alone. One-pass scoring of the
+    // generated sequence agrees with the cached generation at every step: each generated token
+    // is the argmax after its prefix.
     let ids = tokens(prompt);
-    let g = generate(
-        &edited,
-        tok,
-        std::slice::from_ref(&ids),
-        &params,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let generated = assert_padded_batch_rows_alone(&edited, &ids);
     let mut full = ids.clone();
-    full.extend(&g[0].token_ids);
+    full.extend(&generated);
     let logits = all_logits(&edited, &full);
-    for (j, &t) in g[0].token_ids.iter().enumerate() {
+    for (j, &t) in generated.iter().enumerate() {
         let row = &logits[ids.len() - 1 + j];
         let argmax = (0..row.len())
             .max_by(|&a, &b| row[a].total_cmp(&row[b]))
             .unwrap();
         assert_eq!(argmax as u32, t, "generated token {j}");
     }
-    // A left-padded batch: each row generates what it does alone.
-    let short = tokens("The capital of Japan is");
-    let batch = generate(
-        &edited,
-        tok,
-        &[short.clone(), ids.clone()],
-        &params,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    assert_eq!(batch[1].token_ids, g[0].token_ids);
-    let alone = generate(base_model, tok, &[short], &params, &mut |_, _| {}).unwrap();
-    assert_eq!(batch[0].token_ids, alone[0].token_ids);
 }
 
 /// The codebook's branches: a new key adds an entry, the same prompt with another target takes

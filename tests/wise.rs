@@ -8,11 +8,13 @@ mod common;
 use std::sync::Arc;
 
 use emend::engine::editing::{EditRequest, Method};
-use emend::engine::model::generate::{generate, GenParams};
 use emend::engine::overlay::{decode, encode, Edited, Overlay};
 use serde_json::{json, Value};
 
-use common::editing::{apply, chain, eiffel, greedy, view, UNRELATED};
+use common::editing::{
+    apply, assert_padded_batch_rows_alone, assert_unrelated_bit_identical, chain, eiffel, greedy,
+    view, UNRELATED,
+};
 use common::{all_logits, default_model};
 
 fn wise() -> Method {
@@ -38,7 +40,6 @@ fn fact(prompt: &str, subject: &str, target: &str) -> EditRequest {
 #[test]
 fn wise_moves_the_eiffel_tower_and_routes_other_prompts_to_the_unedited_layer() {
     let m = default_model();
-    let base_model = m.model.as_ref();
     let base = Overlay::base();
     let steps = apply(&base, wise(), &[eiffel()], json!({}));
     let (r, d) = (&steps[0].reports[0], &steps[0].diagnostics);
@@ -66,40 +67,9 @@ fn wise_moves_the_eiffel_tower_and_routes_other_prompts_to_the_unedited_layer() 
     let text = greedy(&edited, prompt, 16);
     assert!(text.starts_with(" Rome"), "{text:?}");
     // Out of scope: the router sends these to the unedited layer, logits bit for bit.
-    for p in UNRELATED {
-        assert_eq!(
-            all_logits(&edited, &tokens(p)),
-            all_logits(base_model, &tokens(p)),
-            "{p}"
-        );
-    }
+    assert_unrelated_bit_identical(&edited);
     // A left-padded batch: each row generates what it does alone.
-    let tok = &m.tokenizer;
-    let params = GenParams {
-        max_tokens: 16,
-        ..GenParams::default()
-    };
-    let ids = tokens(prompt);
-    let alone = generate(
-        &edited,
-        tok,
-        std::slice::from_ref(&ids),
-        &params,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    let short = tokens("The capital of Japan is");
-    let batch = generate(
-        &edited,
-        tok,
-        &[short.clone(), ids.clone()],
-        &params,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    assert_eq!(batch[1].token_ids, alone[0].token_ids);
-    let plain = generate(base_model, tok, &[short], &params, &mut |_, _| {}).unwrap();
-    assert_eq!(batch[0].token_ids, plain[0].token_ids);
+    assert_padded_batch_rows_alone(&edited, &tokens(prompt));
 }
 
 /// Cheap settings that close a memory after every edit and merge every two: the first edit

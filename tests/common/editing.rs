@@ -94,3 +94,42 @@ pub const UNRELATED: [&str; 4] = [
     "The Statue of Liberty is located in",
     "Water is made of hydrogen and",
 ];
+
+/// Each of [`UNRELATED`] gives `edited` the base model's logits, bit for bit.
+pub fn assert_unrelated_bit_identical(edited: &dyn CausalLm) {
+    let m = default_model();
+    for p in UNRELATED {
+        let ids = m.tokenizer.encode(p).unwrap();
+        assert_eq!(
+            super::all_logits(edited, &ids),
+            super::all_logits(m.model.as_ref(), &ids),
+            "{p}"
+        );
+    }
+}
+
+/// Generates 16 greedy tokens after `ids` on `edited`, alone and in a left-padded batch beside
+/// an unrelated prompt: the batch row equals the lone run and the unrelated row equals the base
+/// model's. Returns the lone run's tokens.
+pub fn assert_padded_batch_rows_alone(edited: &dyn CausalLm, ids: &[u32]) -> Vec<u32> {
+    let m = default_model();
+    let tok = &m.tokenizer;
+    let params = GenParams {
+        max_tokens: 16,
+        ..GenParams::default()
+    };
+    let alone = generate(edited, tok, &[ids.to_vec()], &params, &mut |_, _| {}).unwrap();
+    let short = tok.encode("The capital of Japan is").unwrap();
+    let batch = generate(
+        edited,
+        tok,
+        &[short.clone(), ids.to_vec()],
+        &params,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(batch[1].token_ids, alone[0].token_ids);
+    let plain = generate(m.model.as_ref(), tok, &[short], &params, &mut |_, _| {}).unwrap();
+    assert_eq!(batch[0].token_ids, plain[0].token_ids);
+    alone[0].token_ids.clone()
+}

@@ -401,20 +401,7 @@ fn scope(
     entry: &CodebookWrite,
 ) -> Result<serde_json::Value, EditError> {
     let mut out = serde_json::Map::new();
-    let groups = [
-        ("rephrase", req.rephrase_prompts.clone()),
-        (
-            "locality",
-            req.locality_prompts
-                .iter()
-                .map(|p| p.prompt.clone())
-                .collect(),
-        ),
-    ];
-    for (name, prompts) in groups {
-        if prompts.is_empty() {
-            continue;
-        }
+    for (name, prompts) in req.probe_groups() {
         let rows: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| Ok(encode_pair(tok, p, &req.target_new_text())?.0))

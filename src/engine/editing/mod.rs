@@ -129,6 +129,24 @@ impl EditRequest {
     pub fn target_true_text(&self) -> Option<String> {
         self.target_true.as_deref().map(with_space)
     }
+
+    /// The prompts a run-time module's scope diagnostics probe, by group: the rephrasings and
+    /// the locality prompts (empty groups left out).
+    pub fn probe_groups(&self) -> Vec<(&'static str, Vec<String>)> {
+        [
+            ("rephrase", self.rephrase_prompts.clone()),
+            (
+                "locality",
+                self.locality_prompts
+                    .iter()
+                    .map(|p| p.prompt.clone())
+                    .collect(),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, p)| !p.is_empty())
+        .collect()
+    }
 }
 
 fn with_space(s: &str) -> String {

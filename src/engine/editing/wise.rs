@@ -308,24 +308,11 @@ fn scope(
     threshold: f32,
     h: &WiseHparams,
 ) -> Result<serde_json::Value, EditError> {
-    let (prompt, _) = req.filled();
-    let groups = [
-        ("prompt", vec![prompt]),
-        ("rephrase", req.rephrase_prompts.clone()),
-        (
-            "locality",
-            req.locality_prompts
-                .iter()
-                .map(|p| p.prompt.clone())
-                .collect(),
-        ),
-    ];
+    let mut groups = vec![("prompt", vec![req.filled().0])];
+    groups.extend(req.probe_groups());
     let mut out = serde_json::Map::new();
     out.insert("threshold".into(), json!(threshold));
     for (name, prompts) in groups {
-        if prompts.is_empty() {
-            continue;
-        }
         let ids: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| tok.encode(p))

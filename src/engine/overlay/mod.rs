@@ -140,8 +140,8 @@ impl Overlay {
             .into_iter()
             .flat_map(|n| n.state.iter())
             .collect();
-        let modules = fold_modules(model, BTreeMap::new(), states.iter().copied())?;
-        let wise = fold_wise(model, BTreeMap::new(), states.iter().copied())?;
+        let modules = fold(model, BTreeMap::new(), states.iter().copied())?;
+        let wise = fold(model, BTreeMap::new(), states.iter().copied())?;
         Ok(PreparedOverlay {
             weights,
             modules,
@@ -200,8 +200,8 @@ impl Overlay {
             };
             weights.insert(id, next);
         }
-        let modules = fold_modules(model, parent.modules.clone(), self.state.iter())?;
-        let wise = fold_wise(model, parent.wise.clone(), self.state.iter())?;
+        let modules = fold(model, parent.modules.clone(), self.state.iter())?;
+        let wise = fold(model, parent.wise.clone(), self.state.iter())?;
         Ok(PreparedOverlay {
             weights,
             modules,
@@ -210,89 +210,100 @@ impl Overlay {
     }
 }
 
+/// A kind of run-time module folded from method state: which state entries are its writes and
+/// how a layer's module takes them.
+trait ModuleKind: Clone + Sized {
+    type Write;
+    /// What an error calls it.
+    const WHAT: &'static str;
+    /// The layer a state entry name writes to, if it names one of this kind's writes.
+    fn layer_of(name: &str) -> Option<usize>;
+    fn decode(model: &dyn CausalLm, t: &Tensor) -> Result<Self::Write>;
+    /// The module of a layer no write has touched yet.
+    fn empty(model: &dyn CausalLm) -> Self;
+    fn write_all(&mut self, writes: &[Self::Write]) -> Result<()>;
+}
+
 /// A codebook's key and value widths: what enters and leaves a layer's down projection.
 fn codebook_dims(model: &dyn CausalLm) -> (usize, usize) {
     (model.spec().intermediate_size, model.spec().hidden_size)
 }
 
-/// `modules` with the codebook writes among `states` applied in order; only the codebooks
-/// written to are copied.
-fn fold_modules<'s>(
-    model: &dyn CausalLm,
-    mut modules: BTreeMap<usize, Arc<Codebook>>,
-    states: impl Iterator<Item = &'s StateEntry>,
-) -> Result<BTreeMap<usize, Arc<Codebook>>> {
-    let mut writes: BTreeMap<usize, Vec<CodebookWrite>> = BTreeMap::new();
-    for s in states {
-        let Some(layer) = CodebookWrite::layer_of(&s.name) else {
-            continue;
-        };
-        if layer >= model.spec().n_layers {
-            return Err(ModelError::InvalidInput(format!(
-                "codebook at layer {layer} but the model has {} layers",
-                model.spec().n_layers
-            )));
-        }
+impl ModuleKind for Codebook {
+    type Write = CodebookWrite;
+    const WHAT: &'static str = "codebook";
+    fn layer_of(name: &str) -> Option<usize> {
+        CodebookWrite::layer_of(name)
+    }
+    fn decode(model: &dyn CausalLm, t: &Tensor) -> Result<CodebookWrite> {
         let (key_dim, value_dim) = codebook_dims(model);
-        writes
-            .entry(layer)
-            .or_default()
-            .push(CodebookWrite::from_state(&s.tensor, key_dim, value_dim)?);
+        CodebookWrite::from_state(t, key_dim, value_dim)
     }
-    for (layer, ws) in writes {
-        let mut cb = match modules.get(&layer) {
-            Some(cb) => (**cb).clone(),
-            None => {
-                let (key_dim, value_dim) = codebook_dims(model);
-                Codebook::new(key_dim, value_dim, model.device())
-            }
-        };
-        cb.write_all(&ws)?;
-        modules.insert(layer, Arc::new(cb));
+    fn empty(model: &dyn CausalLm) -> Self {
+        let (key_dim, value_dim) = codebook_dims(model);
+        Codebook::new(key_dim, value_dim, model.device())
     }
-    Ok(modules)
+    fn write_all(&mut self, writes: &[CodebookWrite]) -> Result<()> {
+        Codebook::write_all(self, writes)
+    }
 }
 
-/// `memories` with the WISE writes among `states` applied in order; only the layers written to
-/// are copied.
-fn fold_wise<'s>(
+impl ModuleKind for WiseMemory {
+    type Write = WiseWrite;
+    const WHAT: &'static str = "WISE memory";
+    fn layer_of(name: &str) -> Option<usize> {
+        WiseWrite::layer_of(name)
+    }
+    fn decode(_: &dyn CausalLm, t: &Tensor) -> Result<WiseWrite> {
+        WiseWrite::from_state(t)
+    }
+    fn empty(model: &dyn CausalLm) -> Self {
+        let spec = model.spec();
+        WiseMemory::new(
+            spec.hidden_size,
+            spec.intermediate_size,
+            Activation::of(spec.architecture),
+            model.device(),
+        )
+    }
+    fn write_all(&mut self, writes: &[WiseWrite]) -> Result<()> {
+        WiseMemory::write_all(self, writes)
+    }
+}
+
+/// `modules` with the writes of kind `M` among `states` applied in order; only the layers
+/// written to are copied.
+fn fold<'s, M: ModuleKind>(
     model: &dyn CausalLm,
-    mut memories: BTreeMap<usize, Arc<WiseMemory>>,
+    mut modules: BTreeMap<usize, Arc<M>>,
     states: impl Iterator<Item = &'s StateEntry>,
-) -> Result<BTreeMap<usize, Arc<WiseMemory>>> {
-    let mut writes: BTreeMap<usize, Vec<WiseWrite>> = BTreeMap::new();
+) -> Result<BTreeMap<usize, Arc<M>>> {
+    let mut writes: BTreeMap<usize, Vec<M::Write>> = BTreeMap::new();
     for s in states {
-        let Some(layer) = WiseWrite::layer_of(&s.name) else {
+        let Some(layer) = M::layer_of(&s.name) else {
             continue;
         };
         if layer >= model.spec().n_layers {
             return Err(ModelError::InvalidInput(format!(
-                "WISE memory at layer {layer} but the model has {} layers",
+                "{} at layer {layer} but the model has {} layers",
+                M::WHAT,
                 model.spec().n_layers
             )));
         }
         writes
             .entry(layer)
             .or_default()
-            .push(WiseWrite::from_state(&s.tensor)?);
+            .push(M::decode(model, &s.tensor)?);
     }
     for (layer, ws) in writes {
-        let mut m = match memories.get(&layer) {
+        let mut m = match modules.get(&layer) {
             Some(m) => (**m).clone(),
-            None => {
-                let spec = model.spec();
-                WiseMemory::new(
-                    spec.hidden_size,
-                    spec.intermediate_size,
-                    Activation::of(spec.architecture),
-                    model.device(),
-                )
-            }
+            None => M::empty(model),
         };
         m.write_all(&ws)?;
-        memories.insert(layer, Arc::new(m));
+        modules.insert(layer, Arc::new(m));
     }
-    Ok(memories)
+    Ok(modules)
 }
 
 /// `deltas` grouped by weight, in order; refuses a weight the model does not have.

@@ -64,6 +64,9 @@ pub struct Config {
     /// spaces, context templates) are made at start-up, in slices between requests, so the
     /// first edit does not wait for them; empty = none.
     pub prepare_methods: String,
+    /// JSON file with the canary set the damage guard probes (`name`, `tasks`, `neighbours`);
+    /// unset = the built-in `emend-canary-1`.
+    pub canary_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -96,6 +99,7 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             http_workers: 2,
             prepare_methods: String::new(),
+            canary_file: None,
         }
     }
 }
@@ -216,6 +220,19 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// The canary set: `canary_file`'s, else the built-in one.
+    pub fn canary_spec(&self) -> Result<crate::canary::CanarySpec, ConfigError> {
+        let Some(path) = &self.canary_file else {
+            return Ok(crate::canary::CanarySpec::default());
+        };
+        let bad = |msg: String| ConfigError::Invalid {
+            field: "canary_file",
+            msg: format!("`{}`: {msg}", path.display()),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
     }
 
     /// Where key statistics are cached.

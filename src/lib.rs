@@ -3,6 +3,7 @@
 //! Layout follows `DESIGN.md`: `api` → `sessions`, `jobs`, `store` → `engine`. Everything that touches
 //! tensors lives under [`engine`]; nothing under it knows about HTTP.
 pub mod api;
+pub mod canary;
 pub mod config;
 pub mod engine;
 pub mod jobs;

@@ -1,9 +1,10 @@
 //! The service's Prometheus metrics, described once (vLLM/TGI naming with base units and
-//! `_total`): HTTP, sessions, edits, jobs. The engine's own collectors (lanes, forwards, model)
+//! `_total`): HTTP, sessions, edits, the damage guard's canary, jobs. The engine's own collectors (lanes, forwards, model)
 //! are `engine::worker::EngineMetrics`, registered into the same [`Metrics::registry`]. Label
 //! values known in advance (edit methods, job statuses) come from the layers that own them.
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::engine::worker::LATENCY_SECONDS;
@@ -13,7 +14,8 @@ pub struct Metrics {
     pub http_requests_total: IntCounterVec,
     pub http_request_duration_seconds: HistogramVec,
     pub sessions: IntGauge,
-    /// Edit requests by method and outcome (`ok`, `invalid`: refused input, `failed`).
+    /// Edit requests by method and outcome (`ok`, `invalid`: refused input, `rejected`: over
+    /// the damage budget, `failed`).
     pub edits_total: IntCounterVec,
     /// Wall time of an acknowledged edit request (queue, engine, commit).
     pub edit_duration_seconds: HistogramVec,
@@ -23,7 +25,25 @@ pub struct Metrics {
     pub jobs: IntGaugeVec,
     /// Wall time of an evaluation job from its first start to its end, by final status.
     pub eval_job_duration_seconds: HistogramVec,
+    /// Per canary reading: the largest perplexity ratio to the base model.
+    pub canary_perplexity_ratio: Histogram,
+    /// Per canary reading: the largest accuracy drop below the base model, in points.
+    pub canary_accuracy_drop: Histogram,
+    pub canary_neighbour_flips: Histogram,
+    /// Wall time of one canary reading (all probes on one version).
+    pub canary_seconds: Histogram,
+    /// Readings over their session's budget (refused or, in `measure` mode, flagged).
+    pub canary_flagged_total: IntCounter,
+    /// Edits refused by the damage guard, by the budget limit broken.
+    pub edits_rejected_total: IntCounterVec,
 }
+
+/// A perplexity ratio of 1 is no damage; the study's collapse reaches 10 and beyond.
+const RATIO_BUCKETS: &[f64] = &[1.0, 1.01, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 5.0, 10.0, 100.0];
+const DROP_BUCKETS: &[f64] = &[-5.0, 0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0];
+const FLIP_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0];
+/// Budget limits, the values of `emend_edits_rejected_total`'s `reason` label.
+pub const REJECT_REASONS: [&str; 3] = ["perplexity_ratio", "accuracy_drop", "neighbour_flips"];
 
 /// Jobs run from seconds (a few documents) to hours (full benchmarks on CPU).
 const JOB_SECONDS: &[f64] = &[
@@ -62,7 +82,7 @@ impl Metrics {
             edits_total: IntCounterVec::new(
                 Opts::new(
                     "emend_edits_total",
-                    "Edit requests by method and outcome (ok, invalid, failed)",
+                    "Edit requests by method and outcome (ok, invalid, rejected by the damage guard, failed)",
                 ),
                 &["method", "outcome"],
             )
@@ -95,6 +115,39 @@ impl Metrics {
                 &["status"],
             )
             .unwrap(),
+            canary_perplexity_ratio: histogram(
+                "emend_canary_perplexity_ratio",
+                "Largest perplexity ratio of a canary probe to the base model, per reading",
+                RATIO_BUCKETS,
+            ),
+            canary_accuracy_drop: histogram(
+                "emend_canary_accuracy_drop",
+                "Largest accuracy drop of a canary probe below the base model (points), per reading",
+                DROP_BUCKETS,
+            ),
+            canary_neighbour_flips: histogram(
+                "emend_canary_neighbour_flips",
+                "Neighbourhood facts whose greedy answer changed, per reading",
+                FLIP_BUCKETS,
+            ),
+            canary_seconds: histogram(
+                "emend_canary_seconds",
+                "Wall time of one canary reading",
+                EDIT_SECONDS,
+            ),
+            canary_flagged_total: IntCounter::new(
+                "emend_canary_flagged_total",
+                "Canary readings over their session's damage budget",
+            )
+            .unwrap(),
+            edits_rejected_total: IntCounterVec::new(
+                Opts::new(
+                    "emend_edits_rejected_total",
+                    "Edits refused by the damage guard, by the budget limit broken",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
@@ -110,9 +163,24 @@ impl Metrics {
         r.register(Box::new(m.jobs.clone())).unwrap();
         r.register(Box::new(m.eval_job_duration_seconds.clone()))
             .unwrap();
+        for h in [
+            &m.canary_perplexity_ratio,
+            &m.canary_accuracy_drop,
+            &m.canary_neighbour_flips,
+            &m.canary_seconds,
+        ] {
+            r.register(Box::new(h.clone())).unwrap();
+        }
+        r.register(Box::new(m.canary_flagged_total.clone()))
+            .unwrap();
+        r.register(Box::new(m.edits_rejected_total.clone()))
+            .unwrap();
+        for reason in REJECT_REASONS {
+            m.edits_rejected_total.with_label_values(&[reason]);
+        }
         // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
         for method in edit_methods {
-            for outcome in ["ok", "invalid", "failed"] {
+            for outcome in ["ok", "invalid", "rejected", "failed"] {
                 m.edits_total.with_label_values(&[method, outcome]);
             }
             m.edit_duration_seconds.with_label_values(&[method]);
@@ -128,4 +196,8 @@ impl Metrics {
             .expect("text encoding of gathered metrics");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).unwrap()
 }

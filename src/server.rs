@@ -6,6 +6,7 @@ use std::time::Duration;
 use actix_web::web;
 
 use crate::api::{self, AppState, Limits};
+use crate::canary::{Canary, CanarySet};
 use crate::config::{ApiKeys, Config};
 use crate::engine::editing::{EditingEnv, Method};
 use crate::engine::model::LoadedModel;
@@ -61,8 +62,11 @@ pub async fn start(
         dtype: engine.dtype(),
     };
     // One session may queue as many edits as the edit lane holds; beyond that, 429.
+    let canary = canary(cfg, &engine)?;
     let sessions = Arc::new(
-        Sessions::restore(store.clone(), metrics.clone(), &placement, cfg.queue_edit).await?,
+        Sessions::restore(store.clone(), metrics.clone(), &placement, cfg.queue_edit)
+            .await?
+            .with_canary(canary),
     );
     let jobs = Jobs::new(
         store,
@@ -101,6 +105,27 @@ pub async fn start(
         addr,
         state,
     })
+}
+
+/// The damage guard's canary set, read from the data dir. Without a data dir there is none (every
+/// session's canary stays off); a configured set that does not load stops the start.
+fn canary(cfg: &Config, engine: &Engine) -> anyhow::Result<Option<Arc<Canary>>> {
+    let spec = cfg.canary_spec()?;
+    let Some(dir) = &cfg.data_dir else {
+        tracing::info!("no data dir: the damage guard's canary probes are off");
+        return Ok(None);
+    };
+    let set = match CanarySet::load(spec, dir) {
+        Ok(set) => set,
+        Err(e) if cfg.canary_file.is_none() => {
+            tracing::warn!(error = %e, "the built-in canary set does not load: canary probes are off");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(set = %set.spec.name, digest = %set.digest, "canary set loaded");
+    let patience = Duration::from_secs(cfg.eval_patience_secs);
+    Ok(Some(Arc::new(Canary::new(engine.clone(), set, patience))))
 }
 
 impl Running {

@@ -78,7 +78,7 @@ async fn state_follows_rollback_fork_and_restart() {
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.join("emend.db").display());
     let s = open(&url).await;
-    let id = s.create(TENANT, None, None).await.unwrap().id;
+    let id = s.create(TENANT, None, None, None).await.unwrap().id;
     for x in [1.0, 2.0, 3.0] {
         edit(&s, &id, x).await;
     }
@@ -94,7 +94,7 @@ async fn state_follows_rollback_fork_and_restart() {
         "other branches keep theirs"
     );
     let fork = s
-        .create(TENANT, None, Some((id.clone(), 2)))
+        .create(TENANT, None, Some((id.clone(), 2)), None)
         .await
         .unwrap()
         .id;

@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 use super::error::Problem;
 use super::sessions::SessionDto;
 use super::{ApiError, AppState, Body, Code, Tenant};
+use crate::canary::Reading;
 use crate::engine::editing::datasets::{self, EditDataset, Record};
 use crate::engine::editing::{self, EditError, EditRequest, MeasureOptions, Method};
 use crate::engine::worker::Admission;
@@ -108,6 +109,10 @@ pub struct VersionDto {
     pub diagnostics: Value,
     pub duration_ms: u64,
     pub created_at: String,
+    /// The canary reading of this version, when the session's canary setting ran the probes
+    /// (`breaches` not empty: over budget, kept in `measure` mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Reading>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -147,6 +152,8 @@ pub struct HistoryEntry {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
     pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Reading>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -335,13 +342,15 @@ fn version_dto(a: AppliedVersion, method: &str) -> VersionDto {
         diagnostics: a.diagnostics,
         duration_ms: a.duration_ms,
         created_at: a.created_at,
+        canary: a.canary,
     }
 }
 
 #[utoipa::path(post, path = "/v1/sessions/{id}/edits", tag = "edits", params(("id" = String, Path)),
     request_body = ApplyEdits,
     responses((status = 201, body = ApplyEditsResponse), (status = 404, body = Problem), (status = 422, body = Problem),
-              (status = 429, body = Problem)))]
+              (status = 409, body = Problem, description = "refused by the damage guard: the problem's `canary` holds the reading"),
+              (status = 429, body = Problem), (status = 503, body = Problem)))]
 async fn apply(
     state: web::Data<AppState>,
     tenant: Tenant,
@@ -359,6 +368,7 @@ async fn apply(
     let r = apply_inner(&state, &tenant, &id, body.0).await;
     let outcome = match &r {
         Ok(_) => "ok",
+        Err(e) if e.canary.is_some() => "rejected",
         Err(e) if e.code.status().is_client_error() && e.code != Code::Overloaded => "invalid",
         Err(_) => "failed",
     };
@@ -466,6 +476,10 @@ fn history_entry(e: LogEntry) -> HistoryEntry {
         diagnostics: parse_json(e.diagnostics.as_deref()),
         duration_ms: e.duration_ms.map(|d| d.max(0) as u64),
         created_at: e.created_at,
+        canary: e
+            .canary
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok()),
     }
 }
 
@@ -538,6 +552,7 @@ async fn version(
         diagnostics: h.diagnostics.unwrap_or(Value::Null),
         duration_ms: h.duration_ms.unwrap_or(0),
         created_at: h.created_at,
+        canary: h.canary,
     }))
 }
 

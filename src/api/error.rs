@@ -55,6 +55,11 @@ pub struct Problem {
     pub code: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// An edit refused by the damage guard: the canary reading of the version it would have
+    /// made, with the drift measured and the budget limits broken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::canary::Reading>)]
+    pub canary: Option<serde_json::Value>,
 }
 
 #[derive(Debug)]
@@ -62,6 +67,8 @@ pub struct ApiError {
     pub code: Code,
     pub detail: String,
     pub retry_after: Option<u64>,
+    /// The `canary` extension member of the problem body.
+    pub canary: Option<Box<serde_json::Value>>,
 }
 
 impl ApiError {
@@ -70,6 +77,7 @@ impl ApiError {
             code,
             detail: detail.into(),
             retry_after: None,
+            canary: None,
         }
     }
     /// A field violation; the detail names the field in backticks.
@@ -86,6 +94,7 @@ impl ApiError {
             instance: ctx.as_ref().map(|c| c.path.clone()),
             code: self.code.code().into(),
             request_id: ctx.map(|c| c.id),
+            canary: self.canary.as_deref().cloned(),
         }
     }
 }
@@ -119,6 +128,7 @@ impl From<SessionError> for ApiError {
                 code: Code::Overloaded,
                 detail: e.to_string(),
                 retry_after: Some(1),
+                canary: None,
             },
             SessionError::Engine(e) => e.into(),
             SessionError::Store(StoreError::SessionGone(_)) => {
@@ -128,12 +138,27 @@ impl From<SessionError> for ApiError {
                 tracing::error!(error = %e, "session delta error");
                 Self::new(Code::Internal, "the session's edit could not be stored")
             }
+            SessionError::OverBudget { ref reading, .. } => Self {
+                canary: serde_json::to_value(reading).ok().map(Box::new),
+                ..Self::new(Code::Conflict, e.to_string())
+            },
+            SessionError::NoCanary => Self::field("canary.mode", e.to_string()),
+            SessionError::Canary(c) => {
+                tracing::error!(error = %c, "canary probes failed");
+                Self {
+                    code: Code::Unavailable,
+                    detail: format!("the edit is not applied: {c}"),
+                    retry_after: Some(5),
+                    canary: None,
+                }
+            }
             SessionError::Store(s) => {
                 tracing::error!(error = %s, "store error");
                 Self {
                     code: Code::Unavailable,
                     detail: "the session store is unavailable".into(),
                     retry_after: Some(5),
+                    canary: None,
                 }
             }
         }
@@ -150,6 +175,7 @@ impl From<JobError> for ApiError {
                 code: Code::Overloaded,
                 detail: e.to_string(),
                 retry_after: Some(30),
+                canary: None,
             },
             JobError::NoData => Self::field(
                 "tasks",
@@ -199,11 +225,13 @@ impl From<EngineError> for ApiError {
                 code: Code::Overloaded,
                 detail: e.to_string(),
                 retry_after: Some(1),
+                canary: None,
             },
             EngineError::ShuttingDown => Self {
                 code: Code::Unavailable,
                 detail: e.to_string(),
                 retry_after: Some(5),
+                canary: None,
             },
             EngineError::Dropped => Self::new(Code::Internal, e.to_string()),
             EngineError::Model(m) => m.into(),

@@ -16,6 +16,7 @@ use crate::engine::worker::Engine;
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
 
+mod damage;
 mod edits;
 pub mod error;
 mod evaluations;
@@ -216,6 +217,7 @@ pub(crate) fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     system::routes(cfg);
     sessions::routes(cfg);
+    damage::routes(cfg);
     edits::routes(cfg);
     evaluations::routes(cfg);
     sweeps::routes(cfg);

@@ -20,11 +20,13 @@ use super::openai::{
 use super::sessions::{CreateSession, ForkFrom, ParentDto, SessionDto, SessionList};
 use super::sweeps::SweepList;
 use super::system::{Health, ModelDto};
+use crate::canary::{BaseReading, Breach, Budget, CanaryMode, CanarySettings, Drift, Reading};
 use crate::engine::editing::datasets::EditDataset;
 use crate::engine::editing::{EditMetrics, EditReport, EditRequest, PromptAnswer, PromptScore};
 use crate::jobs::{
     CurveRow, FinishedTask, Job, JobProgress, JobStatus, NewEvaluation, NewSweep, Sweep,
 };
+use crate::sessions::{DamageCurve, DamagePoint};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,6 +36,7 @@ use crate::jobs::{
     paths(
         super::system::healthz, super::system::readyz, super::system::metrics, super::system::model, super::system::problem_type,
         super::sessions::create, super::sessions::list, super::sessions::get, super::sessions::delete,
+        super::sessions::get_canary, super::sessions::put_canary, super::damage::damage,
         super::edits::apply, super::edits::history, super::edits::version, super::edits::rollback, super::edits::methods,
         super::evaluations::create, super::evaluations::list, super::evaluations::get, super::evaluations::cancel,
         super::sweeps::create, super::sweeps::list, super::sweeps::get, super::sweeps::cancel, super::sweeps::curve,
@@ -44,6 +47,7 @@ use crate::jobs::{
     ),
     components(schemas(
         Problem, Health, ModelDto, CreateSession, ForkFrom, SessionDto, ParentDto, SessionList,
+        CanarySettings, CanaryMode, Budget, Reading, Drift, Breach, BaseReading, DamageCurve, DamagePoint,
         ApplyEdits, ApplyEditsResponse, EditItem, DatasetRecord, EditDataset, MethodName, VersionDto, HistoryEntry, EditHistory,
         RollbackRequest, MethodDto, MethodList, EditRequest, PromptAnswer, EditReport, EditMetrics, PromptScore,
         NewEvaluation, Job, JobStatus, JobProgress, FinishedTask, JobList, NewSweep, Sweep, CurveRow, SweepList,
@@ -55,7 +59,7 @@ use crate::jobs::{
     )),
     modifiers(&BearerAuth, &CommonResponses),
     tags(
-        (name = "sessions", description = "A session is the base model plus an ordered edit log"),
+        (name = "sessions", description = "A session is the base model plus an ordered edit log; its canary setting runs probes after each edit and guards a damage budget"),
         (name = "edits", description = "Knowledge edits as session versions: apply, history, rollback, methods"),
         (name = "evaluations", description = "Benchmark jobs on a session version: queued one at a time, resumable, cancellable"),
         (name = "sweeps", description = "The paper's protocol: edits one by one on a fresh session, benchmarks at checkpoints, curves"),

@@ -105,7 +105,7 @@ async fn cancel(
 
 /// What a curve is rendered as.
 #[derive(Debug, Clone, Copy)]
-enum Format {
+pub(crate) enum Format {
     Json,
     Csv,
     Svg,
@@ -113,7 +113,7 @@ enum Format {
 }
 
 impl Format {
-    fn parse(s: Option<&str>) -> Result<Self, ApiError> {
+    pub(crate) fn parse(s: Option<&str>) -> Result<Self, ApiError> {
         Ok(match s {
             None | Some("json") => Self::Json,
             Some("csv") => Self::Csv,

@@ -62,6 +62,7 @@ async fn readyz(state: web::Data<AppState>) -> Result<web::Json<Health>, ApiErro
             code: Code::Unavailable,
             detail: "the session store is unreachable".into(),
             retry_after: Some(5),
+            canary: None,
         }
     })?;
     Ok(web::Json(Health {

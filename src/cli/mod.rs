@@ -14,6 +14,7 @@ use emend::engine::model::{DeviceKind, LoadOptions, LoadedModel, ModelSource};
 use emend::setup;
 
 mod bench;
+mod bench_canary;
 mod bench_edit;
 mod bench_eval;
 mod bench_module;
@@ -82,6 +83,9 @@ pub enum Command {
     /// Measure what a run-time module (GRACE's codebook) costs the forward pass: 0, 100 and
     /// 1,000 entries at batch 1 and 8, and bytes per 1,000 entries.
     BenchModule(bench_module::BenchModuleArgs),
+    /// Measure what a damage-guard reading costs: each canary set's probes after a ROME edit,
+    /// beside that edit's compute time in the same run.
+    BenchCanary(bench_canary::BenchCanaryArgs),
     /// Run the HTTP server (sessions, generation, scoring, OpenAI-compatible routes).
     Serve(serve::ServeArgs),
     /// Print the OpenAPI document (`emend openapi > openapi/openapi.json`).
@@ -314,6 +318,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BenchQuality(a) => bench_quality::run(&g, a)?,
         Command::BenchEval(a) => bench_eval::run(&g, a)?,
         Command::BenchModule(a) => bench_module::run(&g, a)?,
+        Command::BenchCanary(a) => bench_canary::run(&g, a)?,
         Command::Serve(a) => serve::run(&g, a)?,
         Command::Openapi => print!("{}", emend::api::openapi::json()),
         Command::Edit(a) => edit::run_edit(&g, a)?,

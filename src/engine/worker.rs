@@ -21,10 +21,12 @@ use super::model::score::{Loglikelihood, TokenScores};
 use super::model::{LoadedModel, ModelError, Tok};
 use super::overlay::Overlay;
 
+pub mod backend;
 mod calls;
 mod metrics;
 mod run;
 
+pub use backend::EngineBackend;
 pub use calls::Admission;
 pub use metrics::{EngineMetrics, LATENCY_SECONDS};
 

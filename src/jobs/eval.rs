@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
-use super::backend::EngineBackend;
 use super::{
     json, now, EvaluationSpec, FinishedTask, JobError, JobProgress, JobStatus, Jobs, Record, KIND,
     PROGRESS_EVERY,
 };
 use crate::engine::eval::{distinct_requests, get_task, prepare_task, EvalError, Evaluator};
+use crate::engine::worker::EngineBackend;
 use crate::engine::worker::{Engine, ModelView};
 use crate::store::JobRow;
 

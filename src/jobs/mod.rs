@@ -24,7 +24,6 @@ use crate::metrics::Metrics;
 use crate::sessions::{SessionError, Sessions};
 use crate::store::{JobRow, Store, StoreError};
 
-mod backend;
 pub mod chart;
 mod checks;
 pub mod curve;
@@ -35,7 +34,7 @@ pub mod sweep_loop;
 
 use checks::{check_fewshot, check_limit, check_tasks, count_requests};
 
-pub use backend::EngineBackend;
+pub use crate::engine::worker::EngineBackend;
 pub use sweep::{CurveRow, NewSweep, Sweep};
 
 /// Most tasks in one evaluation.

@@ -11,12 +11,12 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::backend::EngineBackend;
 use super::sweep::{eval_spec, load_records, CurveRow, SweepSpec};
 use super::sweep_loop::{drive, Ended, Start, SweepFront};
 use super::{eval, json, EvaluationSpec, JobError, JobProgress, Jobs, Record};
 use crate::engine::editing::{EditMetrics, EditRequest, MeasureOptions, Method};
 use crate::engine::eval::EvalError;
+use crate::engine::worker::EngineBackend;
 use crate::engine::worker::{Admission, ModelView};
 use crate::sessions::Applied;
 use crate::store::JobRow;
@@ -192,6 +192,7 @@ impl JobFront<'_> {
             .create(
                 &self.row.tenant,
                 Some(format!("sweep {} {name}", self.row.id)),
+                None,
                 None,
             )
             .await

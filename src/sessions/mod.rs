@@ -13,12 +13,18 @@ use chrono::{SecondsFormat, Utc};
 use dashmap::DashMap;
 use serde::Serialize;
 
+use crate::canary::{Canary, CanaryError, CanarySettings, Reading};
 use crate::engine::editing::{EditReport, EditRequest, EditStep, Method};
 use crate::engine::model::ModelError;
 use crate::engine::overlay::{self, Overlay};
 use crate::engine::worker::{EngineError, ModelView};
 use crate::metrics::Metrics;
-use crate::store::{LogKind, NewEdit, SessionRow, Store, StoreError};
+use crate::store::{NewEdit, SessionRow, Store, StoreError};
+
+mod guard;
+mod restore;
+
+pub use guard::{DamageCurve, DamagePoint};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Session {
@@ -31,6 +37,8 @@ pub struct Session {
     /// Edits between the base model and the current version.
     pub edit_count: u64,
     pub parent: Option<Parent>,
+    /// Canary probes after each edit, and the damage budget.
+    pub canary: CanarySettings,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -72,6 +80,18 @@ pub enum SessionError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// In `guard` mode, a new version breaks the session's damage budget; nothing was stored.
+    #[error("the edit is refused: version {version} would break session `{session}`'s damage budget ({})", guard::describe(&reading.breaches))]
+    OverBudget {
+        session: String,
+        version: u64,
+        reading: Box<Reading>,
+    },
+    /// A canary setting other than `off` on a server without a canary set.
+    #[error("this server has no canary set (it needs a dataset directory: configure `data_dir`)")]
+    NoCanary,
+    #[error(transparent)]
+    Canary(#[from] CanaryError),
 }
 
 /// What a version records besides its deltas (the full entry lives in the store's log).
@@ -159,8 +179,19 @@ impl State {
     }
 
     fn push(&mut self, version: u64, parent: u64, data: overlay::VersionData, s: VersionSummary) {
+        let overlay = Overlay::push_with(&self.versions[&parent].overlay, data.deltas, data.state);
+        self.push_overlay(version, parent, overlay, s);
+    }
+
+    /// Adds a version whose overlay is already built on `parent`'s.
+    fn push_overlay(
+        &mut self,
+        version: u64,
+        parent: u64,
+        overlay: Arc<Overlay>,
+        s: VersionSummary,
+    ) {
         let p = &self.versions[&parent];
-        let overlay = Overlay::push_with(&p.overlay, data.deltas, data.state);
         let node = Node {
             parent: Some(parent),
             bytes: p.bytes + overlay.own_bytes(),
@@ -210,6 +241,8 @@ pub struct AppliedVersion {
     pub diagnostics: serde_json::Value,
     pub duration_ms: u64,
     pub created_at: String,
+    /// The canary reading of this version, when the session's setting ran the probes.
+    pub canary: Option<Reading>,
 }
 
 /// The outcome of one edit request.
@@ -225,6 +258,8 @@ pub struct Sessions {
     metrics: Arc<Metrics>,
     /// Edit requests that may wait for one session's edit lock before 429.
     max_waiting: usize,
+    /// The deployment's canary probes (`None`: no data dir, so every session's canary is off).
+    canary: Option<Arc<Canary>>,
 }
 
 /// Device and dtype restored deltas are placed on (the engine's).
@@ -234,87 +269,14 @@ pub struct Placement {
 }
 
 impl Sessions {
-    /// Loads every live session and replays its log: deltas are read back from their stored
-    /// bytes (never recomputed) and pushed on their parent version; rollbacks move the pointer.
-    pub async fn restore(
-        store: Store,
-        metrics: Arc<Metrics>,
-        placement: &Placement,
-        max_waiting: usize,
-    ) -> Result<Self, SessionError> {
-        let live = DashMap::new();
-        let mut versions = 0usize;
-        let mut bytes = 0usize;
-        for row in store.load_sessions().await? {
-            let stored_current = row.current_version;
-            let mut st = State::new(from_row(row));
-            let id = st.session.id.clone();
-            let log = store.load_log(&id, true).await?;
-            let mut current = 0u64;
-            for e in log {
-                let corrupt = |msg: String| SessionError::Corrupt {
-                    session: id.clone(),
-                    seq: e.seq,
-                    msg,
-                };
-                let v = u64::try_from(e.version).map_err(|_| corrupt("negative version".into()))?;
-                match e.kind {
-                    LogKind::Rollback => {
-                        if !st.versions.contains_key(&v) {
-                            return Err(corrupt(format!("rollback to unknown version {v}")));
-                        }
-                        current = v;
-                    }
-                    LogKind::Edit => {
-                        let parent = e.parent_version.map(|p| p.max(0) as u64).unwrap_or(current);
-                        if v == 0 || st.versions.contains_key(&v) {
-                            return Err(corrupt(format!("version {v} is logged twice")));
-                        }
-                        if !st.versions.contains_key(&parent) {
-                            return Err(corrupt(format!("parent version {parent} is unknown")));
-                        }
-                        let raw = e.delta.as_deref().unwrap_or_default();
-                        let data = overlay::decode(raw, &placement.device, placement.dtype)
-                            .map_err(|err| corrupt(err.to_string()))?;
-                        let summary = VersionSummary {
-                            method: e.method.clone().unwrap_or_default(),
-                            created_at: e.created_at.clone(),
-                            duration_ms: e.duration_ms.unwrap_or(0).max(0) as u64,
-                            metrics: e
-                                .metrics
-                                .as_deref()
-                                .and_then(|m| serde_json::from_str(m).ok())
-                                .unwrap_or(serde_json::Value::Null),
-                        };
-                        st.push(v, parent, data, summary);
-                        current = v;
-                        versions += 1;
-                    }
-                }
-            }
-            if current as i64 != stored_current {
-                // Both are written in one transaction, so this only happens when the row was
-                // changed by hand; the log is the truth.
-                tracing::warn!(session = %id, log = current, row = stored_current, "current version differs from the log; using the log");
-            }
-            st.set_current(current);
-            bytes += st.current().bytes;
-            live.insert(id, Live::new(st));
-        }
-        metrics.sessions.set(live.len() as i64);
-        metrics.session_overlay_bytes.set(bytes as i64);
-        tracing::info!(
-            sessions = live.len(),
-            versions,
-            overlay_bytes = bytes,
-            "sessions restored"
-        );
-        Ok(Self {
-            store,
-            live,
-            metrics,
-            max_waiting,
-        })
+    /// Runs `canary`'s probes after the edits of sessions whose setting asks for them.
+    pub fn with_canary(mut self, canary: Option<Arc<Canary>>) -> Self {
+        self.canary = canary;
+        self
+    }
+
+    pub fn canary(&self) -> Option<&Arc<Canary>> {
+        self.canary.as_ref()
     }
 
     pub fn store(&self) -> &Store {
@@ -330,13 +292,18 @@ impl Sessions {
 
     /// Creates a session, optionally forked from `(session, version)` of the same tenant: the
     /// fork starts at that version's overlay (any version of the graph) and its log gets a copy
-    /// of the edits on the path to it. Answers only after the store committed it.
+    /// of the edits on the path to it. A fork keeps its parent's canary setting unless `canary`
+    /// names one. Answers only after the store committed it.
     pub async fn create(
         &self,
         tenant: &str,
         name: Option<String>,
         from: Option<(String, u64)>,
+        canary: Option<CanarySettings>,
     ) -> Result<Session, SessionError> {
+        if canary.as_ref().is_some_and(CanarySettings::is_on) && self.canary.is_none() {
+            return Err(SessionError::NoCanary);
+        }
         let created_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
         let id = uuid::Uuid::new_v4().to_string();
         let Some((sid, version)) = from else {
@@ -348,6 +315,7 @@ impl Sessions {
                 version: 0,
                 edit_count: 0,
                 parent: None,
+                canary: canary.unwrap_or_default(),
             });
             self.store.insert_session(&to_row(&st.session)).await?;
             let s = st.session.clone();
@@ -373,6 +341,7 @@ impl Sessions {
                     session: sid.clone(),
                     version,
                 }),
+                canary: canary.unwrap_or_else(|| p.session.canary.clone()),
             });
             for v in &chain {
                 st.versions.insert(*v, p.versions[v].clone());
@@ -479,18 +448,34 @@ impl Sessions {
             }
             live.edit.clone().lock_owned().await
         };
-        let (base_version, view) = {
+        let (base_version, base_overlay, settings) = {
             let st = live.read();
             if st.deleted {
                 return Err(SessionError::NotFound(id.to_string()));
             }
-            let v = st.session.version;
-            (v, ModelView::new(id, v, st.current().overlay.clone()))
+            let s = &st.session;
+            (s.version, st.current().overlay.clone(), s.canary.clone())
         };
+        let view = ModelView::new(id, base_version, base_overlay.clone());
         let steps = compute(view).await?;
+        if steps.is_empty() {
+            let session = live.read().session.clone();
+            return Ok(Applied {
+                session,
+                versions: Vec::new(),
+            });
+        }
         // Versions are never reused: the next one is above every version of the graph, even
         // after a rollback to an older one.
         let first = live.read().latest() + 1;
+        // Each new version's overlay, chained on the version the edit ran on: the canary reads
+        // these and the commit keeps them, so what the engine prepared for the probes is reused.
+        let mut overlays: Vec<Arc<Overlay>> = Vec::with_capacity(steps.len());
+        for step in &steps {
+            let parent = overlays.last().unwrap_or(&base_overlay);
+            overlays.push(step.version_on(parent));
+        }
+        let readings = self.read_canary(id, &settings, first, &overlays).await?;
         let created_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
         let mut rows = Vec::with_capacity(steps.len());
         let mut applied = Vec::with_capacity(steps.len());
@@ -519,6 +504,7 @@ impl Sessions {
                 delta,
                 duration_ms: step.duration_ms as i64,
                 created_at: created_at.clone(),
+                canary: readings[i].as_ref().map(json_text),
             });
             applied.push(AppliedVersion {
                 version,
@@ -529,13 +515,7 @@ impl Sessions {
                 diagnostics: step.diagnostics.clone(),
                 duration_ms: step.duration_ms,
                 created_at: created_at.clone(),
-            });
-        }
-        if steps.is_empty() {
-            let session = live.read().session.clone();
-            return Ok(Applied {
-                session,
-                versions: Vec::new(),
+                canary: readings[i].clone(),
             });
         }
         let last = first + steps.len() as u64 - 1;
@@ -551,18 +531,14 @@ impl Sessions {
             store.append_edits(&sid, &rows, last as i64).await?;
             let mut st = live2.write();
             let before = st.current().bytes;
-            for (step, a) in steps.into_iter().zip(&applied) {
+            for (overlay, a) in overlays.into_iter().zip(&applied) {
                 let summary = VersionSummary {
                     method: method.name().to_string(),
                     created_at: a.created_at.clone(),
                     duration_ms: a.duration_ms,
                     metrics: serde_json::to_value(&a.reports).unwrap_or_default(),
                 };
-                let data = overlay::VersionData {
-                    deltas: step.deltas,
-                    state: step.state,
-                };
-                st.push(a.version, a.parent_version, data, summary);
+                st.push_overlay(a.version, a.parent_version, overlay, summary);
             }
             st.set_current(last);
             if !st.deleted {
@@ -637,6 +613,7 @@ fn json_text<T: Serialize>(v: &T) -> String {
 
 fn to_row(s: &Session) -> SessionRow {
     SessionRow {
+        canary: Some(json_text(&s.canary)),
         id: s.id.clone(),
         tenant: s.owner.clone(),
         name: s.name.clone(),
@@ -647,8 +624,19 @@ fn to_row(s: &Session) -> SessionRow {
     }
 }
 
-fn from_row(r: SessionRow) -> Session {
-    Session {
+fn from_row(r: SessionRow) -> Result<Session, SessionError> {
+    // A setting that does not parse is refused rather than read as `off`: a guard must not
+    // silently stop guarding after a restart.
+    let canary = match r.canary.as_deref() {
+        None => CanarySettings::default(),
+        Some(t) => serde_json::from_str(t).map_err(|e| SessionError::Corrupt {
+            session: r.id.clone(),
+            seq: 0,
+            msg: format!("the stored canary setting is unreadable: {e}"),
+        })?,
+    };
+    Ok(Session {
+        canary,
         version: 0,
         edit_count: 0,
         parent: match (r.parent_id, r.parent_version) {
@@ -662,5 +650,5 @@ fn from_row(r: SessionRow) -> Session {
         owner: r.tenant,
         name: r.name,
         created_at: r.created_at,
-    }
+    })
 }

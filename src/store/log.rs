@@ -39,6 +39,8 @@ pub struct NewEdit {
     pub delta: Vec<u8>,
     pub duration_ms: i64,
     pub created_at: String,
+    /// JSON of the canary reading of this version, when the probes ran.
+    pub canary: Option<String>,
 }
 
 /// A stored log row. `delta` is only loaded where asked for (restore); listings leave it out.
@@ -56,10 +58,11 @@ pub struct LogEntry {
     pub delta: Option<Vec<u8>>,
     pub duration_ms: Option<i64>,
     pub created_at: String,
+    pub canary: Option<String>,
 }
 
 const COLUMNS: &str =
-    "seq, kind, version, parent_version, method, request, hparams, metrics, diagnostics, duration_ms, created_at";
+    "seq, kind, version, parent_version, method, request, hparams, metrics, diagnostics, duration_ms, created_at, canary";
 
 impl Store {
     /// Appends the versions of one edit request and moves the session to `current_version`, in
@@ -74,8 +77,8 @@ impl Store {
         let mut seq = next_seq(&mut tx, session_id).await?;
         for e in edits {
             sqlx::query(
-                "INSERT INTO edit_log (session_id, seq, kind, version, parent_version, method, request, hparams, metrics, diagnostics, delta, duration_ms, created_at) \
-                 VALUES ($1, $2, 'edit', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                "INSERT INTO edit_log (session_id, seq, kind, version, parent_version, method, request, hparams, metrics, diagnostics, delta, duration_ms, created_at, canary) \
+                 VALUES ($1, $2, 'edit', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             )
             .bind(session_id)
             .bind(seq)
@@ -89,6 +92,7 @@ impl Store {
             .bind(&e.delta)
             .bind(e.duration_ms)
             .bind(&e.created_at)
+            .bind(&e.canary)
             .execute(&mut *tx)
             .await?;
             seq += 1;
@@ -124,8 +128,8 @@ impl Store {
         super::insert_session_in(&mut tx, s).await?;
         for (i, v) in chain.iter().enumerate() {
             let r = sqlx::query(
-                "INSERT INTO edit_log (session_id, seq, kind, version, parent_version, method, request, hparams, metrics, diagnostics, delta, duration_ms, created_at) \
-                 SELECT $1, $2, kind, version, parent_version, method, request, hparams, metrics, diagnostics, delta, duration_ms, created_at \
+                "INSERT INTO edit_log (session_id, seq, kind, version, parent_version, method, request, hparams, metrics, diagnostics, delta, duration_ms, created_at, canary) \
+                 SELECT $1, $2, kind, version, parent_version, method, request, hparams, metrics, diagnostics, delta, duration_ms, created_at, canary \
                  FROM edit_log WHERE session_id = $3 AND kind = 'edit' AND version = $4",
             )
             .bind(&s.id)
@@ -249,5 +253,6 @@ fn log_entry(r: &AnyRow, with_delta: bool) -> Result<LogEntry> {
         },
         duration_ms: r.try_get("duration_ms")?,
         created_at: r.try_get("created_at")?,
+        canary: r.try_get("canary")?,
     })
 }

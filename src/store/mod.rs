@@ -62,6 +62,8 @@ pub struct SessionRow {
     pub parent_id: Option<String>,
     pub parent_version: Option<i64>,
     pub current_version: i64,
+    /// The canary setting as JSON (`None`: off).
+    pub canary: Option<String>,
 }
 
 #[derive(Clone)]
@@ -124,10 +126,23 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
+    /// Replaces a live session's canary setting (JSON).
+    pub async fn set_session_canary(&self, id: &str, canary: &str) -> Result<()> {
+        let r = sqlx::query("UPDATE sessions SET canary = $1 WHERE id = $2 AND deleted_at IS NULL")
+            .bind(canary)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if r.rows_affected() != 1 {
+            return Err(StoreError::SessionGone(id.to_string()));
+        }
+        Ok(())
+    }
+
     /// Live sessions, oldest first.
     pub async fn load_sessions(&self) -> Result<Vec<SessionRow>> {
         let rows = sqlx::query(
-            "SELECT id, tenant, name, created_at, parent_id, parent_version, current_version \
+            "SELECT id, tenant, name, created_at, parent_id, parent_version, current_version, canary \
              FROM sessions WHERE deleted_at IS NULL ORDER BY created_at, id",
         )
         .fetch_all(&self.pool)
@@ -142,8 +157,8 @@ impl Store {
 
 async fn insert_session_in(tx: &mut Transaction<'_, Any>, s: &SessionRow) -> Result<()> {
     sqlx::query(
-        "INSERT INTO sessions (id, tenant, name, created_at, parent_id, parent_version, current_version) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO sessions (id, tenant, name, created_at, parent_id, parent_version, current_version, canary) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&s.id)
     .bind(&s.tenant)
@@ -152,6 +167,7 @@ async fn insert_session_in(tx: &mut Transaction<'_, Any>, s: &SessionRow) -> Res
     .bind(&s.parent_id)
     .bind(s.parent_version)
     .bind(s.current_version)
+    .bind(&s.canary)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -166,6 +182,7 @@ fn session_row(r: &AnyRow) -> Result<SessionRow> {
         parent_id: r.try_get("parent_id")?,
         parent_version: r.try_get("parent_version")?,
         current_version: r.try_get("current_version")?,
+        canary: r.try_get("canary")?,
     })
 }
 
@@ -209,6 +226,7 @@ mod tests {
             parent_id: None,
             parent_version: None,
             current_version: 0,
+            canary: Some("{\"mode\":\"guard\"}".into()),
         };
         {
             let s = Store::connect(&url).await.unwrap();

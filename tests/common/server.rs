@@ -80,6 +80,15 @@ pub struct ChildServer {
 
 impl ChildServer {
     pub fn start(state_dir: &Path, database_url: Option<&str>) -> Self {
+        Self::start_with_env(state_dir, database_url, &[])
+    }
+
+    /// [`ChildServer::start`] with extra `EMEND_*` variables (data dir, canary file).
+    pub fn start_with_env(
+        state_dir: &Path,
+        database_url: Option<&str>,
+        env: &[(&str, &Path)],
+    ) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -98,6 +107,9 @@ impl ChildServer {
         .stderr(Stdio::null());
         if let Some(u) = database_url {
             cmd.args(["--database-url", u]);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let child = cmd.spawn().expect("emend serve starts");
         let url = format!("http://127.0.0.1:{port}");

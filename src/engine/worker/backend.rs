@@ -5,9 +5,9 @@
 //! exactly those of `emend eval` on the same model.
 use std::time::Duration;
 
+use super::{Engine, EngineError, ModelView};
 use crate::engine::editing::{EditMetrics, EditRequest};
 use crate::engine::eval::{EvalAnswers, EvalError, EvalWork, GenRequest, LmBackend, Result};
-use crate::engine::worker::{Engine, EngineError, ModelView};
 
 /// Requests per engine call: the engine is held for one chunk at a time.
 pub const EVAL_CHUNK: usize = 32;

@@ -40,7 +40,13 @@ impl OverlayCache {
         let Some(key) = view.key() else {
             return Ok(Arc::new(PreparedOverlay::default()));
         };
-        if let Some(i) = self.entries.iter().position(|e| e.key == key) {
+        // The overlay must be the one cached: a version number probed by the damage guard and
+        // then refused is made again by the next edit, with other deltas.
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|e| e.key == key && Arc::ptr_eq(&e.overlay, &view.overlay))
+        {
             let e = self.entries.remove(i).expect("index in range");
             let p = e.prepared.clone();
             self.entries.push_front(e);

@@ -9,39 +9,21 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::http::send;
 use common::server::*;
-use reqwest::{Client, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-async fn send(
-    base: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut r = Client::new().request(method, format!("{base}{path}"));
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 async fn post(base: &str, path: &str, body: Value) -> (StatusCode, Value) {
-    send(base, reqwest::Method::POST, path, Some(body)).await
+    send(base, None, Method::POST, path, Some(body)).await
 }
 
 async fn put(base: &str, path: &str, body: Value) -> (StatusCode, Value) {
-    send(base, reqwest::Method::PUT, path, Some(body)).await
+    send(base, None, Method::PUT, path, Some(body)).await
 }
 
 async fn get(base: &str, path: &str) -> (StatusCode, Value) {
-    send(base, reqwest::Method::GET, path, None).await
+    send(base, None, Method::GET, path, None).await
 }
 
 /// A damaging FT-L edit of a CounterFact record.

@@ -7,8 +7,7 @@ use actix_web::{web, HttpResponse};
 
 use super::error::Problem;
 use super::sweeps::Format;
-use super::{ApiError, AppState, Code, Tenant};
-use crate::jobs::chart;
+use super::{ApiError, AppState, Tenant};
 use crate::jobs::CurveRow;
 use crate::sessions::DamageCurve;
 
@@ -146,26 +145,13 @@ async fn damage(
     let format = Format::parse(query.get("format").map(String::as_str))?;
     let curve = state.sessions.damage(&tenant.0, &id).await?;
     let title = format!("Damage curve of session {}", curve.session);
-    let block_err =
-        |e: actix_web::error::BlockingError| ApiError::new(Code::Internal, e.to_string());
     Ok(match format {
         Format::Json => HttpResponse::Ok().json(curve),
         Format::Csv => HttpResponse::Ok()
             .content_type("text/csv; charset=utf-8")
             .body(damage_csv(&curve)),
-        Format::Svg => {
-            let rows = chart_rows(&curve);
-            let svg = web::block(move || chart::svg(&rows, &title))
-                .await
-                .map_err(block_err)??;
-            HttpResponse::Ok().content_type("image/svg+xml").body(svg)
-        }
-        Format::Png => {
-            let rows = chart_rows(&curve);
-            let png = web::block(move || chart::png(&rows, &title))
-                .await
-                .map_err(block_err)??;
-            HttpResponse::Ok().content_type("image/png").body(png)
+        Format::Svg | Format::Png => {
+            super::sweeps::chart_response(chart_rows(&curve), title, format).await?
         }
     })
 }

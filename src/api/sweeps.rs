@@ -13,6 +13,7 @@ use super::error::Problem;
 use super::{ApiError, AppState, Body, Tenant};
 use crate::jobs::chart::{self, ChartError};
 use crate::jobs::curve::{curve_csv, curve_json};
+use crate::jobs::CurveRow;
 use crate::jobs::{NewSweep, Sweep};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -151,19 +152,31 @@ async fn render(
         Format::Csv => HttpResponse::Ok()
             .content_type("text/csv; charset=utf-8")
             .body(curve_csv(&sweep.curve)),
-        Format::Svg => {
-            let svg = web::block(move || chart::svg(&sweep.curve, &sweep.title()))
-                .await
-                .map_err(|e| ApiError::new(Code::Internal, e.to_string()))??;
-            HttpResponse::Ok().content_type("image/svg+xml").body(svg)
-        }
-        Format::Png => {
-            let png = web::block(move || chart::png(&sweep.curve, &sweep.title()))
-                .await
-                .map_err(|e| ApiError::new(Code::Internal, e.to_string()))??;
-            HttpResponse::Ok().content_type("image/png").body(png)
+        Format::Svg | Format::Png => {
+            let title = sweep.title();
+            chart_response(sweep.curve, title, format).await?
         }
     })
+}
+
+/// Curve rows drawn as an SVG or PNG response, off the async runtime.
+pub(crate) async fn chart_response(
+    rows: Vec<CurveRow>,
+    title: String,
+    format: Format,
+) -> Result<HttpResponse, ApiError> {
+    let png = matches!(format, Format::Png);
+    let bytes = web::block(move || {
+        if png {
+            chart::png(&rows, &title)
+        } else {
+            chart::svg(&rows, &title).map(String::into_bytes)
+        }
+    })
+    .await
+    .map_err(|e| ApiError::new(Code::Internal, e.to_string()))??;
+    let mime = if png { "image/png" } else { "image/svg+xml" };
+    Ok(HttpResponse::Ok().content_type(mime).body(bytes))
 }
 
 #[utoipa::path(get, operation_id = "sweep_curve", path = "/v1/sweeps/{id}/curve", tag = "sweeps",

@@ -1,6 +1,7 @@
 //! Shared test helpers: the default model (loaded once per test binary), `../shared`, servers.
 #![allow(dead_code)]
 pub mod editing;
+pub mod http;
 pub mod server;
 
 use std::path::PathBuf;

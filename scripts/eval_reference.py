@@ -40,7 +40,7 @@ from reference_tokenizer import smollm_tokenizer_from_gguf  # noqa: E402
 
 # emend task -> documents (per subtask for the MMLU and BBH groups). Generation tasks are
 # the slowest on the peer (greedy decoding up to 256 tokens), hence their shorter slices;
-# hellaswag and toxigen have only the hand-written 3-document files of tests/fixtures.
+# hellaswag has only the hand-written 3-document file of tests/fixtures.
 PLAN = {
     "lambada_openai": 50,
     "arc_easy": 50,
@@ -51,7 +51,7 @@ PLAN = {
     "commonsense_qa": 50,
     "truthfulqa_mc1": 50,
     "truthfulqa_mc2": 50,
-    "toxigen": 3,
+    "toxigen": 20,
     "wikitext": 5,
     "mmlu": 1,
     "triviaqa": 50,

@@ -44,12 +44,29 @@ fn document_counts_match_the_data_readme() {
         ("gsm8k", 1319),
         ("bbh", 6511),
         ("triviaqa", 11313),
+        ("toxigen", 940),
     ] {
         assert_eq!(count(task, &data()), n, "{task}");
     }
     let fixtures = common::fixtures_dir().join("eval/data");
     assert_eq!(count("hellaswag", &fixtures), 3);
+    // The same table as JSON Lines (a hand-written file) reads like the Parquet export.
     assert_eq!(count("toxigen", &fixtures), 3);
+}
+
+#[test]
+fn toxigen_reads_the_parquet_export() {
+    use emend::engine::eval::tasks::toxigen;
+    let docs = toxigen::load(&data().join(toxigen::FILES[0])).unwrap();
+    assert_eq!(docs.len(), 940);
+    assert!(docs[0]
+        .text
+        .starts_with("this statement indicates that black men are seen as savages"));
+    // 5 + 5 > 5.5: hateful; 3 + 2.33 is not.
+    assert_eq!((docs[0].gold(), docs[1].gold()), (1, 0));
+    assert_eq!(docs[1].toxicity_human, 2.3333333333333335);
+    let hateful = docs.iter().filter(|d| d.gold() == 1).count();
+    assert_eq!(hateful, 406, "{hateful} of 940");
 }
 
 #[test]

@@ -23,7 +23,7 @@ pub fn fixtures_dir() -> PathBuf {
 /// Where a task's dataset lives: the shared directory, except for the tasks whose public data
 /// has not arrived there (HellaSwag, ToxiGen), read from hand-written files in that format.
 pub fn eval_data_dir(task: &str) -> PathBuf {
-    if ["hellaswag", "toxigen"].contains(&task) {
+    if task == "hellaswag" {
         fixtures_dir().join("eval/data")
     } else {
         shared_dir().join("data")

@@ -31,6 +31,51 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
         .collect()
 }
 
+/// The rows of a Parquet file as JSON objects (column name → value), as a JSON Lines export of
+/// the same table would read.
+pub fn read_parquet(path: &Path) -> Result<Vec<serde_json::Value>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bad = |e: parquet::errors::ParquetError| EvalError::data(path, e.to_string());
+    let file = std::fs::File::open(path).map_err(|source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let reader = SerializedFileReader::new(file).map_err(bad)?;
+    let rows = reader.get_row_iter(None).map_err(bad)?;
+    rows.map(|r| {
+        let row = r.map_err(bad)?;
+        let obj: serde_json::Map<String, serde_json::Value> = row
+            .get_column_iter()
+            .map(|(name, field)| (name.clone(), field_json(field)))
+            .collect();
+        Ok(serde_json::Value::Object(obj))
+    })
+    .collect()
+}
+
+/// A Parquet cell as JSON: strings, numbers, booleans and nulls (the types the datasets use);
+/// anything else as its display text.
+fn field_json(f: &parquet::record::Field) -> serde_json::Value {
+    use parquet::record::Field as F;
+    use serde_json::Value as V;
+    match f {
+        F::Null => V::Null,
+        F::Bool(b) => V::Bool(*b),
+        F::Byte(x) => (*x).into(),
+        F::Short(x) => (*x).into(),
+        F::Int(x) => (*x).into(),
+        F::Long(x) => (*x).into(),
+        F::UByte(x) => (*x).into(),
+        F::UShort(x) => (*x).into(),
+        F::UInt(x) => (*x).into(),
+        F::ULong(x) => (*x).into(),
+        F::Float(x) => f64::from(*x).into(),
+        F::Double(x) => (*x).into(),
+        F::Str(s) => V::String(s.clone()),
+        other => V::String(other.to_string()),
+    }
+}
+
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = read_text(path)?;
     serde_json::from_str(&text).map_err(|e| EvalError::data(path, e.to_string()))

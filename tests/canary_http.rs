@@ -272,4 +272,40 @@ async fn the_guard_refuses_the_edit_over_budget_and_keeps_everything_else() {
     let (s, p) = post(&url, &edits, ft_l(1)).await;
     assert_eq!(s, StatusCode::CONFLICT, "{p}");
     assert_eq!(logprobs(&url, &id, None).await, at_v1);
+
+    // A sweep reads the canary at its checkpoints, beside its tasks: no drift at 0 edits.
+    let (s, sw) = post(
+        &url,
+        "/v1/sweeps",
+        json!({"method": "ft-m", "dataset": "counterfact",
+        "n_edits": 1, "checkpoints": [0, 1], "tasks": ["lambada_openai"], "limit": 2,
+        "hparams": {"steps": 2}, "canary": true}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{sw}");
+    let sweep = sw["id"].as_str().unwrap();
+    let t0 = Instant::now();
+    let done = loop {
+        let (_, j) = get(&url, &format!("/v1/sweeps/{sweep}")).await;
+        if j["status"] == "succeeded" {
+            break j;
+        }
+        assert!(
+            j["status"] != "failed" && t0.elapsed() < Duration::from_secs(300),
+            "{j}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let base = &done["curve"][0]["tasks"]["canary"];
+    assert_eq!(base["perplexity_ratio"], 1.0, "{done}");
+    assert_eq!(base["accuracy_drop"], 0.0);
+    assert_eq!(base["neighbour_flips"], 0.0);
+    assert_eq!(
+        base["acc"], curve["base"]["scores"]["pooled.acc"],
+        "{curve}"
+    );
+    assert!(
+        done["curve"][1]["tasks"]["canary"]["perplexity_ratio"].is_number(),
+        "{done}"
+    );
 }

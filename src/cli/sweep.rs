@@ -187,6 +187,7 @@ pub fn run(g: &Global, a: SweepArgs) -> Result<()> {
         num_fewshot: a.num_fewshot,
         seed: a.seed,
         hparams: overrides,
+        canary: false,
     };
     check_hparams(&spec, &methods, m.model.spec())?;
     editing::validate(&records, &m.tokenizer)?;

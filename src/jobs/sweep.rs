@@ -58,6 +58,11 @@ pub struct NewSweep {
     /// Overrides of the method's defaults; with `methods`, one object per method name.
     #[schema(value_type = Option<Object>)]
     pub hparams: Option<Value>,
+    /// Also read the server's canary probes at every checkpoint: a `canary` task in the curve
+    /// (`acc`: the probes' pooled accuracy, `perplexity_ratio`, `accuracy_drop` in points and
+    /// `neighbour_flips` against the base model), drawn beside the benchmark panels.
+    #[serde(default)]
+    pub canary: bool,
 }
 
 /// A validated sweep, as stored in the job's `spec`.
@@ -77,6 +82,9 @@ pub struct SweepSpec {
     pub num_fewshot: Option<usize>,
     pub seed: Option<u64>,
     pub hparams: Value,
+    /// Canary probes at every checkpoint (specs stored before the option read as `false`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
 }
 
 impl SweepSpec {
@@ -143,6 +151,8 @@ pub struct Sweep {
     pub seed: Option<u64>,
     #[schema(value_type = Object)]
     pub hparams: Value,
+    /// Canary probes at every checkpoint.
+    pub canary: bool,
     /// The first method's session (created when it starts).
     pub session: Option<String>,
     /// Each started method's session.
@@ -276,7 +286,14 @@ impl Jobs {
             num_fewshot,
             seed: req.seed,
             hparams,
+            canary: req.canary,
         };
+        if spec.canary && self.sessions.canary().is_none() {
+            return Err(invalid(
+                "canary",
+                "needs the server's canary set, which needs a dataset directory (configure `data_dir`)",
+            ));
+        }
         check_hparams(&spec, &methods, self.engine.spec())?;
         let dir = self.cfg.data_dir.clone().ok_or(JobError::NoData)?;
         let available = load_records(dataset, dir.clone(), n_edits)
@@ -383,6 +400,7 @@ impl Jobs {
             num_fewshot: spec.num_fewshot,
             seed: spec.seed,
             hparams: spec.hparams,
+            canary: spec.canary,
             created_at: row.created_at,
             started_at: row.started_at,
             finished_at: row.finished_at,
@@ -471,6 +489,7 @@ mod tests {
 
     fn spec(methods: &[&str], hparams: Value) -> SweepSpec {
         SweepSpec {
+            canary: false,
             method: methods[0].into(),
             methods: if methods.len() > 1 {
                 methods.iter().map(|m| m.to_string()).collect()

@@ -3,6 +3,8 @@
 //! engine on its evaluation lane, progress and finished checkpoints written to the job's row as
 //! they happen. A resumed sweep keeps its sessions and edits and goes on from the last finished
 //! checkpoint.
+use crate::canary::set::POOLED_ACC;
+use crate::canary::{Budget, CanaryMode, CanarySettings};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -206,6 +208,39 @@ impl JobFront<'_> {
     }
 }
 
+impl JobFront<'_> {
+    /// The canary reading of a checkpoint as a task result: the probes' pooled accuracy and
+    /// the drift from the base model (an empty budget: nothing is flagged).
+    async fn canary(&self, version: &ModelView) -> Result<Value, Stop> {
+        let failed = |m: String| Stop::Sweep(EvalError::Backend(m));
+        let canary = self
+            .jobs
+            .sessions
+            .canary()
+            .ok_or_else(|| failed("the server has no canary set".into()))?;
+        let settings = CanarySettings {
+            mode: CanaryMode::Measure,
+            budget: Budget {
+                perplexity_ratio: None,
+                accuracy_drop: None,
+                neighbour_flips: None,
+            },
+        };
+        let r = canary
+            .read(version.clone(), &settings)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let mut out = serde_json::Map::new();
+        if let Some(acc) = r.scores.get(POOLED_ACC) {
+            out.insert("acc".into(), (*acc).into());
+        }
+        out.insert("perplexity_ratio".into(), r.drift.perplexity_ratio.into());
+        out.insert("accuracy_drop".into(), r.drift.accuracy_drop.into());
+        out.insert("neighbour_flips".into(), r.drift.neighbour_flips.into());
+        Ok(Value::Object(out))
+    }
+}
+
 impl SweepFront for JobFront<'_> {
     type Version = ModelView;
     type Error = Stop;
@@ -312,14 +347,18 @@ impl SweepFront for JobFront<'_> {
 
     async fn tasks(&mut self, version: &ModelView) -> Result<BTreeMap<String, Value>, Stop> {
         let spec = eval_spec(self.spec, &self.session, version.version);
-        Ok(evaluate_at(
+        let mut tasks = evaluate_at(
             self.jobs,
             version.clone(),
             &spec,
             self.dir.clone(),
             self.flag,
         )
-        .await?)
+        .await?;
+        if self.spec.canary {
+            tasks.insert("canary".into(), self.canary(version).await?);
+        }
+        Ok(tasks)
     }
 
     async fn edit_applied(&mut self, _method: Method, _applied: usize) -> Result<(), Stop> {

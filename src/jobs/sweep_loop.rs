@@ -285,6 +285,7 @@ mod tests {
 
     fn spec(methods: &[&str]) -> SweepSpec {
         SweepSpec {
+            canary: false,
             method: methods[0].into(),
             methods: methods.iter().map(|m| m.to_string()).collect(),
             dataset: EditDataset::Counterfact,

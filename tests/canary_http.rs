@@ -94,6 +94,10 @@ async fn the_guard_refuses_the_edit_over_budget_and_keeps_everything_else() {
             "canary.budget.neighbour_flips",
         ),
         (
+            json!({"mode": "guard", "budget": {"neighbour_flips": 2_147_483_648u64}}),
+            "canary.budget.neighbour_flips",
+        ),
+        (
             json!({"mode": "guard", "budget": {"ppl": 1.1}}),
             "canary.budget.ppl",
         ),

@@ -5,6 +5,7 @@ use utoipa::ToSchema;
 
 use super::error::Problem;
 use super::{ApiError, AppState, Body, Tenant};
+use crate::canary::budget::MAX_FLIPS;
 use crate::canary::CanarySettings;
 use crate::sessions::Session;
 
@@ -131,15 +132,15 @@ pub(crate) fn parse_canary(prefix: &str, v: serde_json::Value) -> Result<CanaryS
             }
             let ok = match k.as_str() {
                 "neighbour_flips" => {
-                    x.is_null() || x.as_u64().is_some_and(|n| n <= u32::MAX as u64)
+                    x.is_null() || x.as_u64().is_some_and(|n| n <= u64::from(MAX_FLIPS))
                 }
                 _ => x.is_null() || x.is_number(),
             };
             if !ok {
                 let want = if k == "neighbour_flips" {
-                    "a non-negative integer"
+                    format!("an integer from 0 to {MAX_FLIPS}")
                 } else {
-                    "a number"
+                    "a number".into()
                 };
                 return Err(ApiError::field(
                     &field,

@@ -33,7 +33,7 @@ pub struct Budget {
     pub accuracy_drop: Option<f64>,
     /// Most neighbourhood facts whose greedy answer may change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = 2, minimum = 0)]
+    #[schema(example = 2, minimum = 0, maximum = 1000000)]
     pub neighbour_flips: Option<u32>,
 }
 
@@ -47,6 +47,9 @@ impl Default for Budget {
         }
     }
 }
+
+/// The largest `neighbour_flips` limit (far above any canary set's neighbour count).
+pub const MAX_FLIPS: u32 = 1_000_000;
 
 /// A budget value out of range: the field (`budget.perplexity_ratio`, …) and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -79,6 +82,12 @@ impl Budget {
                     format!("must be a number of points from 0 to 100. Given: {d}"),
                 );
             }
+        }
+        if let Some(n) = self.neighbour_flips.filter(|n| *n > MAX_FLIPS) {
+            return bad(
+                "neighbour_flips",
+                format!("must be an integer from 0 to {MAX_FLIPS}. Given: {n}"),
+            );
         }
         Ok(())
     }

@@ -72,10 +72,6 @@ impl Canary {
         }
     }
 
-    pub fn set(&self) -> &CanarySet {
-        &self.set
-    }
-
     fn set_label(&self) -> String {
         format!("{}@{}", self.set.spec.name, &self.set.digest[..12])
     }

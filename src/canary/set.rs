@@ -96,8 +96,8 @@ pub enum CanaryError {
 pub struct CanarySet {
     pub spec: CanarySpec,
     tasks: Vec<(Box<dyn Task>, Prepared, EvalOptions)>,
-    /// `(record id, neighbourhood prompt)`.
-    neighbours: Vec<(u64, String)>,
+    /// Neighbourhood prompts.
+    neighbours: Vec<String>,
     /// SHA-256 over the spec and the prompts: two sets with one digest ask the same questions.
     pub digest: String,
 }
@@ -163,7 +163,7 @@ impl CanarySet {
                     break;
                 }
                 if let Some(p) = r.request.locality_prompts.first() {
-                    neighbours.push((r.id, p.prompt.clone()));
+                    neighbours.push(p.prompt.clone());
                 }
             }
             if neighbours.len() < spec.neighbours.count {
@@ -173,7 +173,7 @@ impl CanarySet {
                     spec.neighbours.count
                 )));
             }
-            for (_, p) in &neighbours {
+            for p in &neighbours {
                 h.update(p.as_bytes());
             }
         }
@@ -188,17 +188,12 @@ impl CanarySet {
         })
     }
 
-    /// Record ids of the neighbour probes (documentation, and to keep sweeps off them).
-    pub fn neighbour_ids(&self) -> Vec<u64> {
-        self.neighbours.iter().map(|(id, _)| *id).collect()
-    }
-
     /// Records the base model's greedy answers to the neighbour prompts and its scores.
     pub fn baseline(&self, backend: &mut dyn LmBackend) -> Result<Baseline, CanaryError> {
         let reqs: Vec<GenRequest> = self
             .neighbours
             .iter()
-            .map(|(_, p)| GenRequest {
+            .map(|p| GenRequest {
                 context: p.clone(),
                 until: vec!["\n".into()],
                 max_gen_toks: self.spec.neighbours.max_tokens,
@@ -260,7 +255,7 @@ impl CanarySet {
             .zip(answers)
             .enumerate()
             .filter(|(_, (_, a))| !a.is_empty())
-            .map(|(i, ((_, p), a))| (i, (p.clone(), a.clone())))
+            .map(|(i, (p, a))| (i, (p.clone(), a.clone())))
             .collect();
         let mut greedy = vec![None; self.neighbours.len()];
         if !asked.is_empty() {

@@ -29,6 +29,8 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Where ROME/MEMIT key statistics are cached; unset = `<cache dir>/stats`.
     pub stats_dir: Option<PathBuf>,
+    /// Where trained editors (MEND artefacts) are stored; unset = `<cache dir>/editors`.
+    pub editors_dir: Option<PathBuf>,
     /// Most edits in one `POST /v1/sessions/{id}/edits`.
     pub max_edits_per_request: usize,
     /// Largest request body, in bytes.
@@ -81,6 +83,7 @@ impl Default for Config {
             database_url: None,
             data_dir: crate::setup::default_datasets_dir(),
             stats_dir: None,
+            editors_dir: None,
             max_edits_per_request: 64,
             max_body_bytes: 1 << 20,
             max_new_tokens: 2048,
@@ -233,6 +236,13 @@ impl Config {
         };
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+    }
+
+    /// Where trained editors (MEND artefacts) are stored.
+    pub fn editors_dir(&self) -> PathBuf {
+        self.editors_dir
+            .clone()
+            .unwrap_or_else(|| crate::setup::cache_dir().join("editors"))
     }
 
     /// Where key statistics are cached.

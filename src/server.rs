@@ -42,6 +42,7 @@ pub async fn start(
     };
     let env = EditingEnv {
         stats_dir: cfg.stats_dir(),
+        editors_dir: cfg.editors_dir(),
         data_dir: cfg.data_dir.clone(),
     };
     let engine = Engine::start(model, limits, engine_metrics, env);
@@ -77,6 +78,8 @@ pub async fn start(
             data_dir: cfg.data_dir.clone(),
             patience: Duration::from_secs(cfg.eval_patience_secs),
             max_queued: cfg.max_queued_jobs,
+            trainings_dir: cfg.state_dir.join("trainings"),
+            editors_dir: cfg.editors_dir(),
         },
     );
     // After the sessions are restored: a resumed job needs its session version.

@@ -170,6 +170,7 @@ fn the_engine_backend_gives_the_in_process_numbers_on_an_edited_model() {
         metrics.clone(),
         EditingEnv {
             stats_dir: temp_dir("evals-stats"),
+            editors_dir: temp_dir("evals-editors"),
             data_dir: None,
         },
     );

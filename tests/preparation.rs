@@ -60,6 +60,7 @@ async fn requests_are_served_while_an_edit_makes_its_statistics() {
         metrics.clone(),
         EditingEnv {
             stats_dir: stats_dir.clone(),
+            editors_dir: emend::setup::cache_dir().join("editors"),
             data_dir: Some(shared_dir().join("data")),
         },
     );

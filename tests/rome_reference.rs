@@ -37,6 +37,7 @@ fn rome_delta_matches_an_independent_pytorch_rome() {
     let ctx = EditContext::new(
         EditingEnv {
             stats_dir: emend::setup::cache_dir().join("stats"),
+            editors_dir: emend::setup::cache_dir().join("editors"),
             data_dir: Some(shared_dir().join("data")),
         },
         &m.info,
@@ -121,6 +122,7 @@ fn pmet_and_alphaedit_deltas_match_an_independent_pytorch_implementation() {
         let ctx = EditContext::new(
             EditingEnv {
                 stats_dir: emend::setup::cache_dir().join("stats"),
+                editors_dir: emend::setup::cache_dir().join("editors"),
                 data_dir: Some(shared_dir().join("data")),
             },
             &m.info,

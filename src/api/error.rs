@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 
 use crate::engine::editing::EditError;
 use crate::engine::model::ModelError;
+use crate::engine::training::TrainingError;
 use crate::engine::worker::EngineError;
 use crate::jobs::JobError;
 use crate::sessions::SessionError;
@@ -213,6 +214,25 @@ impl From<EditError> for ApiError {
             EditError::Stats(m) => {
                 tracing::error!(error = %m, "editing statistics failed");
                 Self::new(Code::Internal, format!("statistics: {m}"))
+            }
+            EditError::Editor(t) => t.into(),
+        }
+    }
+}
+
+impl From<TrainingError> for ApiError {
+    fn from(e: TrainingError) -> Self {
+        match e {
+            TrainingError::NoArtefact { .. } => Self::new(Code::Conflict, e.to_string()),
+            TrainingError::UnknownArtefact(_) | TrainingError::Mismatch(_) => {
+                Self::field("hparams.artefact", e.to_string())
+            }
+            TrainingError::Field(field, message) => Self::field(&field, message),
+            TrainingError::Data(m) | TrainingError::Invalid(m) => Self::new(Code::InvalidField, m),
+            TrainingError::Model(m) => m.into(),
+            other => {
+                tracing::error!(error = %other, "trained editor failed");
+                Self::new(Code::Internal, other.to_string())
             }
         }
     }

@@ -26,6 +26,7 @@ pub mod openapi;
 mod sessions;
 mod sweeps;
 mod system;
+mod trainings;
 
 pub use error::{ApiError, Code};
 
@@ -221,6 +222,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     edits::routes(cfg);
     evaluations::routes(cfg);
     sweeps::routes(cfg);
+    trainings::routes(cfg);
     inference::routes(cfg);
     openai::routes(cfg);
     cfg.service(utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}").url(

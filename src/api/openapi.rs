@@ -20,11 +20,13 @@ use super::openai::{
 use super::sessions::{CreateSession, ForkFrom, ParentDto, SessionDto, SessionList};
 use super::sweeps::SweepList;
 use super::system::{Health, ModelDto};
+use super::trainings::{ArtefactList, TrainingList};
 use crate::canary::{BaseReading, Breach, Budget, CanaryMode, CanarySettings, Drift, Reading};
 use crate::engine::editing::datasets::EditDataset;
 use crate::engine::editing::{EditMetrics, EditReport, EditRequest, PromptAnswer, PromptScore};
+use crate::engine::training::{Provenance, TrainConfig, TrainingData, Validation};
 use crate::jobs::{
-    CurveRow, FinishedTask, Job, JobProgress, JobStatus, NewEvaluation, NewSweep, Sweep,
+    CurveRow, FinishedTask, Job, JobProgress, JobStatus, NewEvaluation, NewSweep, Sweep, Training,
 };
 use crate::sessions::{DamageCurve, DamagePoint};
 
@@ -41,6 +43,8 @@ use crate::sessions::{DamageCurve, DamagePoint};
         super::evaluations::create, super::evaluations::list, super::evaluations::get, super::evaluations::cancel,
         super::sweeps::create, super::sweeps::list, super::sweeps::get, super::sweeps::cancel, super::sweeps::curve,
         super::sweeps::results_csv, super::sweeps::chart_svg, super::sweeps::chart_png,
+        super::trainings::create, super::trainings::list, super::trainings::get, super::trainings::cancel,
+        super::trainings::artefacts, super::trainings::artefact,
         super::inference::generate, super::inference::loglikelihood,
         super::openai::completions, super::openai::chat_completions, super::openai::models,
         super::openai::tokenizer_info, super::openai::tokenize, super::openai::detokenize,
@@ -51,6 +55,7 @@ use crate::sessions::{DamageCurve, DamagePoint};
         ApplyEdits, ApplyEditsResponse, EditItem, DatasetRecord, EditDataset, MethodName, VersionDto, HistoryEntry, EditHistory,
         RollbackRequest, MethodDto, MethodList, EditRequest, PromptAnswer, EditReport, EditMetrics, PromptScore,
         NewEvaluation, Job, JobStatus, JobProgress, FinishedTask, JobList, NewSweep, Sweep, CurveRow, SweepList,
+        TrainConfig, TrainingData, Validation, Training, TrainingList, Provenance, ArtefactList,
         GenerateRequest, GenerateResponse, Message, Usage, LoglikelihoodItem, LoglikelihoodRequest, LoglikelihoodResult, LoglikelihoodResponse,
         CompletionRequest, CompletionResponse, CompletionChoice, Logprobs, OpenAiUsage, PromptInput, StopInput,
         ChatCompletionRequest, ChatCompletionResponse, ChatChoice, ChatMessageOut, ModelList, ModelCard,
@@ -63,6 +68,7 @@ use crate::sessions::{DamageCurve, DamagePoint};
         (name = "edits", description = "Knowledge edits as session versions: apply, history, rollback, methods"),
         (name = "evaluations", description = "Benchmark jobs on a session version: queued one at a time, resumable, cancellable"),
         (name = "sweeps", description = "The paper's protocol: edits one by one on a fresh session, benchmarks at checkpoints, curves"),
+        (name = "trainings", description = "Trained editors (MEND): training jobs against the resident model, resumable and cancellable, and their artefacts"),
         (name = "inference", description = "Generation and scoring against a session"),
         (name = "openai", description = "OpenAI-compatible routes (lm-evaluation-harness `local-completions`)"),
         (name = "tokenizer", description = "Tokenizer probes used by lm-evaluation-harness"),

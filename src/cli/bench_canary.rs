@@ -57,6 +57,7 @@ pub fn run(g: &Global, a: BenchCanaryArgs) -> Result<()> {
     let ctx = EditContext::new(
         EditingEnv {
             stats_dir: emend::setup::cache_dir().join("stats"),
+            editors_dir: emend::setup::cache_dir().join("editors"),
             data_dir: Some(data_dir),
         },
         &m.info,

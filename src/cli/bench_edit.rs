@@ -158,6 +158,7 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
     let ctx = EditContext::new(
         EditingEnv {
             stats_dir: stats_dir.clone(),
+            editors_dir: emend::setup::cache_dir().join("editors"),
             data_dir: Some(data_dir),
         },
         &m.info,

@@ -75,6 +75,9 @@ pub struct StatsArgs {
 pub fn env(data_dir: Option<PathBuf>) -> EditingEnv {
     EditingEnv {
         stats_dir: setup::cache_dir().join("stats"),
+        editors_dir: std::env::var_os("EMEND_EDITORS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| setup::cache_dir().join("editors")),
         data_dir: data_dir.or_else(setup::default_datasets_dir),
     }
 }

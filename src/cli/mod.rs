@@ -23,6 +23,7 @@ mod edit;
 mod eval;
 mod serve;
 mod sweep;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -101,6 +102,8 @@ pub enum Command {
     /// The paper's protocol in-process: edits one by one, benchmarks at checkpoints; writes
     /// curve.csv, curve.json and curve.svg.
     Sweep(sweep::SweepArgs),
+    /// Train an editor (MEND) against the model; prints the artefact's id.
+    Train(train::TrainArgs),
     /// Draw the curves of several sweeps (their curve.json) as one table and chart.
     Chart(sweep::ChartArgs),
 }
@@ -326,6 +329,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Methods => edit::run_methods(&g)?,
         Command::Eval(a) => eval::run(&g, a)?,
         Command::Sweep(a) => sweep::run(&g, a)?,
+        Command::Train(a) => train::run(&g, a)?,
         Command::Chart(a) => sweep::chart(a)?,
     }
     Ok(())

@@ -4,4 +4,5 @@ pub mod editing;
 pub mod eval;
 pub mod model;
 pub mod overlay;
+pub mod training;
 pub mod worker;

@@ -25,10 +25,12 @@ pub mod backend;
 mod calls;
 mod metrics;
 mod run;
+mod training;
 
 pub use backend::EngineBackend;
 pub use calls::Admission;
 pub use metrics::{EngineMetrics, LATENCY_SECONDS};
+pub use training::{TrainAction, TrainReply};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lane {
@@ -165,6 +167,14 @@ enum Work {
         work: EvalWork,
         reply: oneshot::Sender<Result<EvalAnswers, EngineError>>,
     },
+    /// A piece of a training run (on the base model).
+    Train {
+        view: ModelView,
+        run_dir: std::path::PathBuf,
+        config: crate::engine::training::TrainConfig,
+        action: TrainAction,
+        reply: oneshot::Sender<Result<TrainReply, EngineError>>,
+    },
 }
 
 impl Work {
@@ -177,6 +187,7 @@ impl Work {
             Work::Edit { reply, .. } => reply.is_closed(),
             Work::Prepare { reply, .. } => reply.is_closed(),
             Work::Eval { reply, .. } => reply.is_closed(),
+            Work::Train { reply, .. } => reply.is_closed(),
         }
     }
 }

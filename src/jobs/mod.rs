@@ -31,11 +31,14 @@ mod eval;
 pub mod sweep;
 mod sweep_job;
 pub mod sweep_loop;
+mod training;
 
 use checks::{check_fewshot, check_limit, check_tasks, count_requests};
 
 pub use crate::engine::worker::EngineBackend;
 pub use sweep::{CurveRow, NewSweep, Sweep};
+pub use training::Training;
+use training::TRAINING;
 
 /// Most tasks in one evaluation.
 pub const MAX_TASKS: usize = 32;
@@ -169,6 +172,9 @@ struct Record {
     /// A sweep's finished checkpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     curve: Vec<CurveRow>,
+    /// A training's step, validation curve and artefact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    training: Option<training::TrainingRecord>,
 }
 
 /// An evaluation job.
@@ -248,6 +254,10 @@ pub struct JobsConfig {
     pub patience: Duration,
     /// Queued jobs before submissions answer 429.
     pub max_queued: usize,
+    /// Training runs' checkpoints, one folder per job.
+    pub trainings_dir: PathBuf,
+    /// Trained editors (the engine's artefact folder).
+    pub editors_dir: PathBuf,
 }
 
 pub struct Jobs {
@@ -271,7 +281,7 @@ impl Jobs {
         cfg: JobsConfig,
     ) -> Arc<Self> {
         // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
-        for kind in [KIND, SWEEP] {
+        for kind in [KIND, SWEEP, TRAINING] {
             for s in JobStatus::ALL {
                 metrics.jobs.with_label_values(&[kind, s.as_str()]);
             }
@@ -511,7 +521,7 @@ impl Jobs {
     async fn refresh_gauge(&self) {
         match self.store.job_counts().await {
             Ok(counts) => {
-                for kind in [KIND, SWEEP] {
+                for kind in [KIND, SWEEP, TRAINING] {
                     for s in JobStatus::ALL {
                         let n = counts
                             .iter()
@@ -579,6 +589,17 @@ impl Jobs {
             return Ok(()); // cancelled before it started
         }
         self.refresh_gauge().await;
+        if row.kind == TRAINING {
+            let span = tracing::info_span!("training", job = %id, attempt = rec.attempts);
+            let outcome = tracing::Instrument::instrument(
+                training::run(self, &row, &mut rec, &mut progress, flag),
+                span.clone(),
+            )
+            .await?;
+            return self
+                .conclude(&id, outcome, &started_at, progress, rec, &span)
+                .await;
+        }
         if row.kind == SWEEP {
             let span = tracing::info_span!("sweep", job = %id, attempt = rec.attempts);
             let outcome = tracing::Instrument::instrument(

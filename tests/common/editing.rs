@@ -22,6 +22,7 @@ pub fn ctx() -> &'static EditContext {
         EditContext::new(
             EditingEnv {
                 stats_dir: emend::setup::cache_dir().join("stats"),
+                editors_dir: emend::setup::cache_dir().join("editors"),
                 data_dir: Some(shared_dir().join("data")),
             },
             &default_model().info,

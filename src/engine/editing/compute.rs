@@ -18,6 +18,7 @@ use super::{
 use crate::engine::model::loader::ModelInfo;
 use crate::engine::model::{CausalLm, LoadedModel, Tok};
 use crate::engine::overlay::{Edited, Overlay, PreparedOverlay};
+use crate::engine::training::ArtefactStore;
 
 /// What the engine keeps for editing between jobs: the resources methods declare (statistics
 /// and context templates), computed on the base model once.
@@ -25,6 +26,8 @@ pub struct EditContext {
     pub stats: StatsCache,
     pub(super) null_spaces: NullSpaceCache,
     pub model_sha256: String,
+    /// Trained editors (MEND), loaded on first use.
+    pub editors: ArtefactStore,
     templates: Mutex<TemplateCache>,
 }
 
@@ -34,9 +37,10 @@ type TemplateCache = HashMap<(usize, usize), Arc<Vec<String>>>;
 impl EditContext {
     pub fn new(env: EditingEnv, info: &ModelInfo) -> Self {
         Self {
-            stats: StatsCache::new(env.stats_dir, env.data_dir),
+            stats: StatsCache::new(env.stats_dir.clone(), env.data_dir.clone()),
             null_spaces: NullSpaceCache::default(),
             model_sha256: info.sha256.clone(),
+            editors: ArtefactStore::new(env.editors_dir.clone()),
             templates: Mutex::new(HashMap::new()),
         }
     }
@@ -104,6 +108,14 @@ impl EditContext {
                 }
                 Resource::CorpusSnippets { count } => {
                     out.snippets = Some(Arc::new(self.stats.snippets(base, tok, *count)?));
+                }
+                Resource::TrainedEditor { method, artefact } => {
+                    out.editor = Some(self.editors.get(
+                        method,
+                        artefact.as_deref(),
+                        &self.model_sha256,
+                        base.device(),
+                    )?);
                 }
                 Resource::NullSpace {
                     layers,

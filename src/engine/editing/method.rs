@@ -11,9 +11,12 @@ use serde_json::Value;
 
 use super::nullspace::NullSpace;
 use super::stats::LayerStats;
-use super::{alphaedit, ft, grace, hparams, kn, memit, pmet, rome, wise, EditError, EditRequest};
+use super::{
+    alphaedit, ft, grace, hparams, kn, memit, mend, pmet, rome, wise, EditError, EditRequest,
+};
 use crate::engine::model::{ModelSpec, Tok};
 use crate::engine::overlay::{Delta, Edited, Overlay, StateEntry};
+use crate::engine::training::Artefact;
 
 /// Every method emend implements, in the order listings show them. Adding a method is one
 /// file, one line here and its defaults in `defaults/hparams.toml`.
@@ -27,6 +30,7 @@ static REGISTRY: &[&dyn EditMethod] = &[
     &ft::FtM,
     &grace::Grace,
     &wise::Wise,
+    &mend::Mend,
 ];
 
 /// Something a method needs that is computed once and shared across edits; the engine acquires
@@ -50,6 +54,12 @@ pub enum Resource {
     /// The first sentences of the statistics corpus's first `count` articles: text unrelated
     /// to any edit.
     CorpusSnippets { count: usize },
+    /// A trained editor of `method`: the artefact `artefact`, or the newest one trained for the
+    /// loaded model.
+    TrainedEditor {
+        method: String,
+        artefact: Option<String>,
+    },
 }
 
 /// The acquired resources of one edit.
@@ -59,6 +69,7 @@ pub struct Resources {
     pub(super) templates: Option<Arc<Vec<String>>>,
     pub(super) null_spaces: BTreeMap<usize, Arc<NullSpace>>,
     pub(super) snippets: Option<Arc<Vec<String>>>,
+    pub(super) editor: Option<Arc<Artefact>>,
 }
 
 impl Resources {
@@ -83,6 +94,13 @@ impl Resources {
             .map(Vec::as_slice)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| EditError::Stats("no corpus snippets were acquired".into()))
+    }
+
+    /// The trained editor (declared as [`Resource::TrainedEditor`]).
+    pub fn editor(&self) -> Result<&Arc<Artefact>, EditError> {
+        self.editor
+            .as_ref()
+            .ok_or_else(|| EditError::Stats("no trained editor was acquired".into()))
     }
 
     /// The context templates (declared as [`Resource::ContextTemplates`]).

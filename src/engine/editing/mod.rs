@@ -29,6 +29,7 @@ mod ft;
 mod grace;
 mod kn;
 mod memit;
+mod mend;
 mod nullspace;
 mod pmet;
 mod prepare;
@@ -166,6 +167,9 @@ pub enum EditError {
     Model(#[from] ModelError),
     #[error("statistics: {0}")]
     Stats(String),
+    /// A trained editor is missing, unknown or made for another model.
+    #[error(transparent)]
+    Editor(#[from] crate::engine::training::TrainingError),
 }
 
 impl EditError {
@@ -301,6 +305,8 @@ pub fn validate(requests: &[EditRequest], tok: &Tok) -> Result<(), EditError> {
 pub struct EditingEnv {
     /// `<cache>/stats`: covariance statistics, keyed by model sha256, layer, samples, corpus.
     pub stats_dir: PathBuf,
+    /// Trained editors (MEND), one folder per artefact.
+    pub editors_dir: PathBuf,
     /// Dataset directory laid out like `shared/data` (corpus: `wikitext/AA/wiki_*`).
     pub data_dir: Option<PathBuf>,
 }

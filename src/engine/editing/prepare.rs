@@ -95,7 +95,7 @@ impl EditContext {
                     }
                 }
                 // Read from the corpus files at the edit: nothing to prepare.
-                Resource::CorpusSnippets { .. } => {}
+                Resource::CorpusSnippets { .. } | Resource::TrainedEditor { .. } => {}
             }
         }
         if pieces.is_empty() {

@@ -111,6 +111,11 @@ pub(crate) struct Corpus {
 }
 
 impl StatsCache {
+    /// The dataset directory, if the server has one.
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        self.data_dir.clone()
+    }
+
     pub fn new(dir: PathBuf, data_dir: Option<PathBuf>) -> Self {
         Self {
             dir,

@@ -54,10 +54,13 @@ impl Proj {
         let d_in = *dims.last().expect("projection input has a feature dim");
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, d_in))?;
+        // The fused kernels have no backward for the weight: a weight that carries gradients
+        // (MEND's update during training) takes candle's matmul.
         let y = if x.device().is_cpu()
             && x.dtype() == DType::F32
             && self.weight.is_contiguous()
             && !x.track_op()
+            && !self.weight.track_op()
         {
             cpu_matmul_t(&x2, &self.weight)?
         } else if x.device().is_cpu()

@@ -405,6 +405,15 @@ pub struct PreparedOverlay {
 }
 
 impl PreparedOverlay {
+    /// An overlay of the given weight patches alone (MEND's training passes build one whose
+    /// patches carry gradients).
+    pub fn from_patches(weights: BTreeMap<WeightId, LayerPatch>) -> Self {
+        Self {
+            weights,
+            ..Self::default()
+        }
+    }
+
     pub fn weight(&self, id: WeightId) -> Option<&LayerPatch> {
         self.weights.get(&id)
     }

@@ -133,6 +133,27 @@ impl Engine {
         answer(rx).await
     }
 
+    /// One piece of the training run in `run_dir` (a step, or a few validation records), its
+    /// artefact stored (`Finish`), or the run let go (`Close`), on the edit lane.
+    pub async fn train(
+        &self,
+        run_dir: std::path::PathBuf,
+        config: crate::engine::training::TrainConfig,
+        action: super::TrainAction,
+        admission: Admission,
+    ) -> Result<super::TrainReply, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        let work = Work::Train {
+            view: ModelView::base(),
+            run_dir,
+            config,
+            action,
+            reply,
+        };
+        self.admit(Lane::Edit, work, admission).await?;
+        answer(rx).await
+    }
+
     /// One chunk of an evaluation, on the evaluation lane, from a plain thread (evaluations
     /// run on threads of their own, not on the async runtime): waits up to `patience` for room,
     /// then blocks until the chunk is answered.

@@ -5,6 +5,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::training::Trainers;
 use super::{EngineError, GenEvent, Lane, ModelView, Queued, Shared, Work};
 use crate::engine::editing;
 use crate::engine::eval::engine::AnswerError;
@@ -83,6 +84,7 @@ pub(super) fn worker(shared: Arc<Shared>, model: LoadedModel, env: editing::Edit
     };
     let edit_ctx = editing::EditContext::new(env, &model.info);
     let mut preparing: Option<editing::Preparation> = None;
+    let mut trainers = Trainers::default();
     loop {
         let batch = {
             let mut lanes = shared.lanes.lock().expect("engine queue lock");
@@ -112,7 +114,14 @@ pub(super) fn worker(shared: Arc<Shared>, model: LoadedModel, env: editing::Edit
             continue;
         };
         let lanes: Vec<Lane> = batch.iter().map(|q| q.lane).collect();
-        run_batch(&model, &shared, &mut overlays, &edit_ctx, batch);
+        run_batch(
+            &model,
+            &shared,
+            &mut overlays,
+            &edit_ctx,
+            &mut trainers,
+            batch,
+        );
         for l in lanes {
             shared
                 .metrics
@@ -261,7 +270,8 @@ fn view_of(work: &Work) -> &ModelView {
         | Work::Loglikelihood { view, .. }
         | Work::Edit { view, .. }
         | Work::Prepare { view, .. }
-        | Work::Eval { view, .. } => view,
+        | Work::Eval { view, .. }
+        | Work::Train { view, .. } => view,
     }
 }
 
@@ -270,6 +280,7 @@ fn run_batch(
     shared: &Shared,
     overlays: &mut OverlayCache,
     edit_ctx: &editing::EditContext,
+    trainers: &mut Trainers,
     batch: Vec<Queued>,
 ) {
     let live: Vec<Queued> = batch.into_iter().filter(|q| !q.work.abandoned()).collect();
@@ -302,7 +313,7 @@ fn run_batch(
         &edited,
         model,
         shared,
-        edit_ctx,
+        (edit_ctx, trainers),
         live,
         &mut overlays.prefix_kv,
     );
@@ -329,6 +340,9 @@ fn fail(work: Work, e: EngineError) {
         Work::Eval { reply, .. } => {
             let _ = reply.send(Err(e));
         }
+        Work::Train { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
     }
 }
 
@@ -336,7 +350,7 @@ fn run_on(
     lm: &Edited<'_>,
     model: &LoadedModel,
     shared: &Shared,
-    edit_ctx: &editing::EditContext,
+    (edit_ctx, trainers): (&editing::EditContext, &mut Trainers),
     live: Vec<Queued>,
     prefix_kv: &mut PrefixKv,
 ) {
@@ -430,6 +444,22 @@ fn run_on(
                         tracing::error!(panic = %msg, "engine panicked during evaluation");
                         Err(EngineError::Panicked(msg))
                     }
+                };
+                let _ = reply.send(r);
+            }
+            Work::Train {
+                run_dir,
+                config,
+                action,
+                reply,
+                ..
+            } => {
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    trainers.call(model, edit_ctx, run_dir, &config, action)
+                }));
+                let r = match r {
+                    Ok(r) => r.map_err(|e| EngineError::Edit(e.into())),
+                    Err(p) => Err(EngineError::Panicked(panic_message(p))),
                 };
                 let _ = reply.send(r);
             }

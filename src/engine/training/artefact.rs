@@ -1,0 +1,155 @@
+//! Trained editors on disk: `<dir>/<id>/editor.safetensors` and `provenance.json` (model
+//! sha256, data file and hash, hyper-parameters, validation curve, duration). An id is the
+//! method and the first 16 hex digits of the editor file's sha256, so the same training gives
+//! the same id. Artefacts are written to a temporary folder and renamed into place: a reader
+//! never sees half of one.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use super::mend_net::{MendNet, NetShape};
+use super::run::{TrainConfig, Validation};
+use super::TrainingError;
+
+/// Where an artefact came from.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Provenance {
+    pub id: String,
+    pub method: String,
+    /// sha256 of the model file it was trained on.
+    pub model_sha256: String,
+    /// The training file, relative to the data directory.
+    pub data_file: String,
+    pub data_sha256: String,
+    #[schema(value_type = Object)]
+    pub config: TrainConfig,
+    #[schema(value_type = Object)]
+    pub net: NetShape,
+    pub steps: usize,
+    /// Validation on the held-back records, every `val_every` steps and at the end.
+    pub validation: Vec<Validation>,
+    pub duration_s: f64,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// A loaded trained editor.
+pub struct Artefact {
+    pub provenance: Provenance,
+    pub net: MendNet,
+}
+
+/// The artefact folder, with loaded artefacts cached by id.
+pub struct ArtefactStore {
+    dir: PathBuf,
+    loaded: Mutex<HashMap<String, Arc<Artefact>>>,
+}
+
+impl ArtefactStore {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `net` with `provenance` (its id set here) and returns the id.
+    pub fn save(&self, net: &MendNet, mut provenance: Provenance) -> Result<String, TrainingError> {
+        std::fs::create_dir_all(&self.dir)?;
+        let tensors = net.tensors()?;
+        let tmp = self.dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&tmp)?;
+        let file = tmp.join("editor.safetensors");
+        candle_core::safetensors::save(&tensors, &file)?;
+        let digest = hex::encode(Sha256::digest(std::fs::read(&file)?));
+        let id = format!("{}-{}", provenance.method, &digest[..16]);
+        provenance.id = id.clone();
+        std::fs::write(
+            tmp.join("provenance.json"),
+            serde_json::to_vec_pretty(&provenance)?,
+        )?;
+        let dest = self.dir.join(&id);
+        if dest.exists() {
+            // The same bytes were trained before: keep the first copy.
+            std::fs::remove_dir_all(&tmp)?;
+        } else {
+            std::fs::rename(&tmp, &dest)?;
+        }
+        Ok(id)
+    }
+
+    /// Every artefact's provenance, newest first (unreadable folders are skipped).
+    pub fn list(&self) -> Vec<Provenance> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Provenance> = entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| std::fs::read(e.path().join("provenance.json")).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect();
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// The artefact `id` (or the newest `method` artefact trained on `model_sha256`), loaded.
+    pub fn get(
+        &self,
+        method: &str,
+        id: Option<&str>,
+        model_sha256: &str,
+        dev: &Device,
+    ) -> Result<Arc<Artefact>, TrainingError> {
+        let id = match id {
+            Some(id) => id.to_string(),
+            None => self
+                .list()
+                .into_iter()
+                .find(|p| p.method == method && p.model_sha256 == model_sha256)
+                .map(|p| p.id)
+                .ok_or_else(|| TrainingError::NoArtefact {
+                    method: method.to_string(),
+                })?,
+        };
+        if let Some(a) = self.loaded.lock().expect("artefact cache").get(&id) {
+            return Ok(a.clone());
+        }
+        let folder = self.dir.join(&id);
+        if id.contains(['/', '\\']) || id.starts_with('.') || !folder.is_dir() {
+            return Err(TrainingError::UnknownArtefact(id));
+        }
+        let provenance: Provenance =
+            serde_json::from_slice(&std::fs::read(folder.join("provenance.json"))?)?;
+        if provenance.method != method {
+            return Err(TrainingError::Mismatch(format!(
+                "artefact `{id}` is a {} editor, not {method}",
+                provenance.method
+            )));
+        }
+        if provenance.model_sha256 != model_sha256 {
+            return Err(TrainingError::Mismatch(format!(
+                "artefact `{id}` was trained for model sha256 {}…, this server runs {}…",
+                &provenance.model_sha256[..12.min(provenance.model_sha256.len())],
+                &model_sha256[..12.min(model_sha256.len())]
+            )));
+        }
+        let tensors = candle_core::safetensors::load(folder.join("editor.safetensors"), dev)?;
+        let net = MendNet::from_tensors(provenance.net.clone(), &tensors)?;
+        let a = Arc::new(Artefact { provenance, net });
+        self.loaded
+            .lock()
+            .expect("artefact cache")
+            .insert(id, a.clone());
+        Ok(a)
+    }
+}

@@ -1,0 +1,562 @@
+//! A MEND training run: its configuration, the loop (EasyEdit's `EditTrainer.edit_step`: edit
+//! from the base model, then `cedit · NLL(edit) + cloc · KL(locality)`, gradients accumulated
+//! over `accumulate` records per Adam step), validation on held-back records, and checkpoints
+//! every `val_every` steps from which a killed run resumes bit for bit.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+
+use super::adam::{accumulate, Adam};
+use super::artefact::{ArtefactStore, Provenance};
+use super::mend::{
+    factors, hidden_at, logits_from, overlay_of, post_losses, token_accuracy, updates, TargetRow,
+};
+use super::mend_net::{MendNet, NetShape};
+use super::records::{load, TrainingData, TrainingRecord, TrainingSet};
+use super::{checkpoint, TrainingError};
+use crate::engine::model::{CausalLm, Tok};
+
+/// What a training run does; every field has a default (`{}` trains MEND on zsRE).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// The trained editor: `mend`.
+    pub method: String,
+    pub data: TrainingData,
+    /// Training steps (one record each).
+    #[schema(minimum = 1, maximum = 100000)]
+    pub steps: usize,
+    /// Adam learning rate of the network (EasyEdit: 1e-6 over up to 100k steps; a short CPU
+    /// run needs more).
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub lr: f64,
+    /// Adam learning rate of the per-layer edit learning rates (EasyEdit: 1e-4).
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub lr_lr: f64,
+    /// Initial edit learning rate (EasyEdit: 1e-4).
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub edit_lr: f64,
+    /// Weight of the edit loss (EasyEdit: 0.1).
+    #[schema(minimum = 0.0, maximum = 100.0)]
+    pub cedit: f64,
+    /// Weight of the locality KL (EasyEdit: 1.0).
+    #[schema(minimum = 0.0, maximum = 100.0)]
+    pub cloc: f64,
+    /// Rank of the network's residual layers (EasyEdit: 1920 for 7B models).
+    #[schema(minimum = 1, maximum = 4096)]
+    pub rank: usize,
+    /// Layers whose MLP down projection is edited (default: the top three, as EasyEdit).
+    pub layers: Option<Vec<usize>>,
+    /// Records per Adam step (EasyEdit: `accumulate_bs` 10).
+    #[schema(minimum = 1, maximum = 100)]
+    pub accumulate: usize,
+    /// Records held back at the end of the file for validation.
+    #[schema(minimum = 1, maximum = 1000)]
+    pub val_records: usize,
+    /// Validate and checkpoint every this many steps (a multiple of `accumulate`).
+    #[schema(minimum = 1, maximum = 100000)]
+    pub val_every: usize,
+    pub seed: u64,
+    /// Global gradient-norm clip (EasyEdit: 100).
+    #[schema(minimum = 0.0)]
+    pub grad_clip: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            method: "mend".into(),
+            data: TrainingData::Zsre,
+            steps: 1000,
+            lr: 1e-4,
+            lr_lr: 1e-4,
+            edit_lr: 1e-4,
+            cedit: 0.1,
+            cloc: 1.0,
+            rank: 512,
+            layers: None,
+            accumulate: 10,
+            val_records: 50,
+            val_every: 100,
+            seed: 42,
+            grad_clip: 100.0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks what the schema cannot, against the model; returns the edited layers.
+    pub fn check(&self, n_layers: usize) -> Result<Vec<usize>, TrainingError> {
+        let bad = |f: &str, m: String| Err(TrainingError::Field(f.into(), m));
+        if self.method != "mend" {
+            return bad(
+                "method",
+                format!("`{}` cannot be trained; trainable: mend", self.method),
+            );
+        }
+        for (f, v, lo, hi) in [
+            ("steps", self.steps, 1, 100_000),
+            ("rank", self.rank, 1, 4096),
+            ("accumulate", self.accumulate, 1, 100),
+            ("val_records", self.val_records, 1, 1000),
+            ("val_every", self.val_every, 1, 100_000),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return bad(f, format!("must be in {lo}..={hi}"));
+            }
+        }
+        for (f, v, hi) in [
+            ("lr", self.lr, 1.0),
+            ("lr_lr", self.lr_lr, 1.0),
+            ("edit_lr", self.edit_lr, 1.0),
+            ("cedit", self.cedit, 100.0),
+            ("cloc", self.cloc, 100.0),
+            ("grad_clip", self.grad_clip, f64::MAX),
+        ] {
+            if !(v.is_finite() && (0.0..=hi).contains(&v)) {
+                return bad(f, format!("must be a number in [0, {hi}]"));
+            }
+        }
+        if !self.val_every.is_multiple_of(self.accumulate) {
+            return bad(
+                "val_every",
+                format!("must be a multiple of accumulate ({})", self.accumulate),
+            );
+        }
+        let layers = self
+            .layers
+            .clone()
+            .unwrap_or_else(|| (n_layers.saturating_sub(3)..n_layers).collect());
+        if layers.is_empty()
+            || layers.iter().any(|&l| l >= n_layers)
+            || layers.windows(2).any(|w| w[0] >= w[1])
+        {
+            return bad(
+                "layers",
+                format!("must be increasing layers below {n_layers}"),
+            );
+        }
+        Ok(layers)
+    }
+}
+
+/// Validation on the held-back records: edit success (token accuracy of the new target after
+/// the edit, on the edit prompt and on its rephrasing) and locality (share of the unrelated
+/// answer's tokens whose greedy prediction is unchanged).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Validation {
+    pub step: usize,
+    pub edit_success: f64,
+    pub generalization: f64,
+    pub locality: f64,
+    /// Mean training losses over the steps since the previous validation.
+    pub loss_edit: f64,
+    pub loss_loc: f64,
+}
+
+/// What a progress callback sees after each step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub step: usize,
+    pub steps: usize,
+    pub loss_edit: f64,
+    pub loss_loc: f64,
+    /// Set on the steps that validated.
+    pub validation: Option<Validation>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    config: TrainConfig,
+    model_sha256: String,
+    data_sha256: String,
+    step: usize,
+    adam_t: u64,
+    history: Vec<Validation>,
+    elapsed_s: f64,
+    window: (f64, f64, usize),
+}
+
+/// A validation part-way through its held-back records (validation runs a few records per
+/// [`Trainer::advance`], so that a caller serving other work between calls waits little).
+#[derive(Debug, Clone, Default)]
+struct PendingValidation {
+    done: usize,
+    edit_success: f64,
+    generalization: f64,
+    locality: f64,
+}
+
+/// Held-back records validated per [`Trainer::advance`].
+const VALIDATE_PER_CALL: usize = 4;
+
+/// A training run. It holds no model: each call takes the model it runs on, so that the
+/// engine can keep a run between its calls.
+pub struct Trainer {
+    set: TrainingSet,
+    data_dir: PathBuf,
+    net: MendNet,
+    opt: Adam,
+    grads: Vec<Option<Tensor>>,
+    state: State,
+    pending: Option<PendingValidation>,
+    checkpoint: PathBuf,
+}
+
+impl Trainer {
+    /// Opens the run in `run_dir`: resumes from its checkpoint when there is one (with the
+    /// same configuration, model and data), else starts fresh.
+    pub fn open(
+        model: &dyn CausalLm,
+        config: TrainConfig,
+        data_dir: &Path,
+        run_dir: &Path,
+        model_sha256: &str,
+    ) -> Result<Self, TrainingError> {
+        let layers = config.check(model.spec().n_layers)?;
+        let set = load(data_dir, config.data)?;
+        if set.records.len() <= config.val_records {
+            return Err(TrainingError::Field(
+                "val_records".into(),
+                format!("must be below the file's {} records", set.records.len()),
+            ));
+        }
+        let x_dim = model
+            .weight(crate::engine::model::WeightId::mlp_down(layers[0]))?
+            .dim(1)?;
+        let shape = NetShape {
+            layers,
+            x_dim,
+            delta_dim: model.spec().hidden_size,
+            rank: config.rank,
+        };
+        let dev = model.device();
+        let mut net = MendNet::new(shape, config.edit_lr, config.seed, dev)?;
+        let vars = net.vars();
+        let mut lrs = vec![config.lr; vars.len() - 1];
+        lrs.push(config.lr_lr);
+        let mut opt = Adam::new(vars, lrs)?;
+        std::fs::create_dir_all(run_dir)?;
+        let checkpoint = run_dir.join("checkpoint.safetensors");
+        let mut state = State {
+            config: config.clone(),
+            model_sha256: model_sha256.to_string(),
+            data_sha256: set.sha256.clone(),
+            step: 0,
+            adam_t: 0,
+            history: Vec::new(),
+            elapsed_s: 0.0,
+            window: (0.0, 0.0, 0),
+        };
+        if let Some((tensors, saved)) = checkpoint::read(&checkpoint, dev)? {
+            let saved: State = serde_json::from_value(saved)?;
+            if saved.config != config
+                || saved.model_sha256 != state.model_sha256
+                || saved.data_sha256 != state.data_sha256
+            {
+                return Err(TrainingError::Mismatch(format!(
+                    "{} holds a run with another configuration, model or data; use another run folder",
+                    run_dir.display()
+                )));
+            }
+            net = MendNet::from_tensors(net.shape.clone(), &tensors)?;
+            opt = Adam::new(net.vars(), opt_lrs(&config, net.vars().len()))?;
+            opt.restore(&tensors, saved.adam_t)?;
+            state = saved;
+            tracing::info!(step = state.step, "training resumed from its checkpoint");
+        }
+        let grads = vec![None; net.vars().len()];
+        Ok(Self {
+            set,
+            data_dir: data_dir.to_path_buf(),
+            net,
+            opt,
+            grads,
+            state,
+            pending: None,
+            checkpoint,
+        })
+    }
+
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
+    /// The network as trained so far.
+    pub fn net(&self) -> &MendNet {
+        &self.net
+    }
+
+    pub fn history(&self) -> &[Validation] {
+        &self.state.history
+    }
+
+    fn train_count(&self) -> usize {
+        self.set.records.len() - self.state.config.val_records
+    }
+
+    /// The record step `s` trains on: a seeded shuffle of the training part per epoch.
+    fn record_at(&self, s: usize) -> &TrainingRecord {
+        let n = self.train_count();
+        let epoch = (s / n) as u64;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(
+            self.state
+                .config
+                .seed
+                .wrapping_add(epoch.wrapping_mul(0x9E37_79B9)),
+        ));
+        &self.set.records[order[s % n]]
+    }
+
+    /// True once every step is trained and validated.
+    pub fn done(&self) -> bool {
+        self.state.step >= self.state.config.steps && self.pending.is_none()
+    }
+
+    /// One piece of work: a training step on one record (the optimiser steps every
+    /// `accumulate` records), or a few held-back records of a due validation; a validation's
+    /// last piece writes the checkpoint.
+    pub fn advance(&mut self, model: &dyn CausalLm, tok: &Tok) -> Result<Progress, TrainingError> {
+        let started = Instant::now();
+        let progress = if self.pending.is_some() {
+            self.validate_some(model, tok)?
+        } else {
+            self.train_step(model, tok)?
+        };
+        self.state.elapsed_s += started.elapsed().as_secs_f64();
+        Ok(progress)
+    }
+
+    fn train_step(&mut self, model: &dyn CausalLm, tok: &Tok) -> Result<Progress, TrainingError> {
+        let rec = self.record_at(self.state.step).clone();
+        let (l_edit, l_loc) = self.losses(model, tok, &rec, true)?;
+        let cfg = &self.state.config;
+        let total = ((l_edit.clone() * cfg.cedit)? + (l_loc.clone() * cfg.cloc)?)?;
+        let total = (total / cfg.accumulate as f64)?;
+        let store = total.backward()?;
+        accumulate(&mut self.grads, &self.net.vars(), &store)?;
+        let (le, ll) = (
+            l_edit.to_scalar::<f32>()? as f64,
+            l_loc.to_scalar::<f32>()? as f64,
+        );
+        self.state.step += 1;
+        let step = self.state.step;
+        if step.is_multiple_of(cfg.accumulate) || step == cfg.steps {
+            self.opt.step(&self.grads, cfg.grad_clip)?;
+            self.grads.iter_mut().for_each(|g| *g = None);
+        }
+        let w = self.state.window;
+        self.state.window = (w.0 + le, w.1 + ll, w.2 + 1);
+        if step.is_multiple_of(cfg.val_every) || step == cfg.steps {
+            self.pending = Some(PendingValidation::default());
+        }
+        Ok(Progress {
+            step,
+            steps: cfg.steps,
+            loss_edit: le,
+            loss_loc: ll,
+            validation: None,
+        })
+    }
+
+    /// The post-edit losses of `rec` (edited from the base model); `observe` updates the
+    /// network's running statistics first (training).
+    fn losses(
+        &mut self,
+        model: &dyn CausalLm,
+        tok: &Tok,
+        rec: &TrainingRecord,
+        observe: bool,
+    ) -> Result<(Tensor, Tensor), TrainingError> {
+        let from = self.net.shape.layers[0];
+        let row = TargetRow::new(tok, &rec.prompt, &rec.target)?;
+        let loc = TargetRow::whole(tok, &rec.loc_prompt, &rec.loc_answer)?;
+        let h_edit = hidden_at(model, &row.ids, from)?;
+        let h_loc = hidden_at(model, &loc, from)?;
+        let all: Vec<(usize, usize)> = (0..loc.len()).map(|p| (0, p)).collect();
+        let base_loc = logits_from(model, &h_loc, from, None, &all, false)?;
+        let fs = factors(model, &h_edit, &row, &self.net.shape.layers)?;
+        if observe {
+            for (u, d) in &fs {
+                self.net.observe(u, d)?;
+            }
+        }
+        let overlay = overlay_of(model, &updates(&self.net, &fs)?)?;
+        post_losses(model, overlay, from, (&h_edit, &row), (&h_loc, &base_loc))
+    }
+
+    /// Validates the next few held-back records (edits from the base model, one at a time);
+    /// after the last, records the validation and writes the checkpoint.
+    fn validate_some(
+        &mut self,
+        model: &dyn CausalLm,
+        tok: &Tok,
+    ) -> Result<Progress, TrainingError> {
+        let n = self.set.records.len();
+        let val = self.state.config.val_records;
+        let mut p = self.pending.take().unwrap_or_default();
+        let end = (p.done + VALIDATE_PER_CALL).min(val);
+        for rec in &self.set.records[n - val + p.done..n - val + end] {
+            let (es, gen, loc) = self.validate_one(model, tok, rec)?;
+            p.edit_success += es;
+            p.generalization += gen;
+            p.locality += loc;
+        }
+        p.done = end;
+        let step = self.state.step;
+        let mut progress = Progress {
+            step,
+            steps: self.state.config.steps,
+            loss_edit: f64::NAN,
+            loss_loc: f64::NAN,
+            validation: None,
+        };
+        if p.done < val {
+            self.pending = Some(p);
+            return Ok(progress);
+        }
+        let w = self.state.window;
+        let mean = |x: f64| if w.2 == 0 { 0.0 } else { x / w.2 as f64 };
+        let k = val as f64;
+        let v = Validation {
+            step,
+            edit_success: p.edit_success / k,
+            generalization: p.generalization / k,
+            locality: p.locality / k,
+            loss_edit: mean(w.0),
+            loss_loc: mean(w.1),
+        };
+        self.state.history.push(v.clone());
+        self.state.window = (0.0, 0.0, 0);
+        self.save_checkpoint()?;
+        progress.validation = Some(v);
+        Ok(progress)
+    }
+
+    /// One held-back record: token accuracy of the target after its edit on the prompt and
+    /// on the rephrasing, and the share of the unrelated answer's greedy tokens kept.
+    fn validate_one(
+        &self,
+        model: &dyn CausalLm,
+        tok: &Tok,
+        rec: &TrainingRecord,
+    ) -> Result<(f64, f64, f64), TrainingError> {
+        let from = self.net.shape.layers[0];
+        let pos = |r: &TargetRow| -> Vec<(usize, usize)> {
+            r.terms.iter().map(|t| (0, t.position)).collect()
+        };
+        let row = TargetRow::new(tok, &rec.prompt, &rec.target)?;
+        let h_edit = hidden_at(model, &row.ids, from)?;
+        let fs = factors(model, &h_edit, &row, &self.net.shape.layers)?;
+        let overlay = overlay_of(model, &updates(&self.net, &fs)?)?;
+        let es = token_accuracy(
+            &logits_from(
+                model,
+                &h_edit,
+                from,
+                Some(overlay.clone()),
+                &pos(&row),
+                false,
+            )?,
+            &row,
+        )?;
+        let reph = TargetRow::new(tok, &rec.rephrase, &rec.target)?;
+        let h_reph = hidden_at(model, &reph.ids, from)?;
+        let gen = token_accuracy(
+            &logits_from(
+                model,
+                &h_reph,
+                from,
+                Some(overlay.clone()),
+                &pos(&reph),
+                false,
+            )?,
+            &reph,
+        )?;
+        let lrow = TargetRow::new(tok, &rec.loc_prompt, &rec.loc_answer)?;
+        let h_loc = hidden_at(model, &lrow.ids, from)?;
+        let p = pos(&lrow);
+        let greedy = |o| -> Result<Vec<u32>, TrainingError> {
+            Ok(logits_from(model, &h_loc, from, o, &p, false)?
+                .argmax(candle_core::D::Minus1)?
+                .to_vec1::<u32>()?)
+        };
+        let (before, after) = (greedy(None)?, greedy(Some(overlay))?);
+        let loc =
+            before.iter().zip(&after).filter(|(a, b)| a == b).count() as f64 / before.len() as f64;
+        Ok((es, gen, loc))
+    }
+
+    fn save_checkpoint(&self) -> Result<(), TrainingError> {
+        let mut tensors = self.net.tensors()?;
+        tensors.extend(self.opt.tensors());
+        let mut state = self.state.clone();
+        state.adam_t = self.opt.t;
+        checkpoint::write(&self.checkpoint, &tensors, &serde_json::to_value(&state)?)
+    }
+
+    /// Runs until done (or until `cancel` is set: `Ok(false)`), reporting each piece.
+    pub fn run(
+        &mut self,
+        model: &dyn CausalLm,
+        tok: &Tok,
+        cancel: &AtomicBool,
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<bool, TrainingError> {
+        while !self.done() {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            let p = self.advance(model, tok)?;
+            progress(&p);
+        }
+        Ok(true)
+    }
+
+    /// Stores the trained network with its provenance; returns the artefact's id.
+    pub fn finish(&self, store: &ArtefactStore) -> Result<String, TrainingError> {
+        let data_file = self
+            .set
+            .path
+            .strip_prefix(&self.data_dir)
+            .unwrap_or(&self.set.path)
+            .display()
+            .to_string();
+        store.save(
+            &self.net,
+            Provenance {
+                id: String::new(),
+                method: self.state.config.method.clone(),
+                model_sha256: self.state.model_sha256.clone(),
+                data_file,
+                data_sha256: self.state.data_sha256.clone(),
+                config: self.state.config.clone(),
+                net: self.net.shape.clone(),
+                steps: self.state.step,
+                validation: self.state.history.clone(),
+                duration_s: self.state.elapsed_s,
+                created_at: chrono::Utc::now().to_rfc3339(),
+            },
+        )
+    }
+
+    /// A JSON summary of the run so far.
+    pub fn summary(&self) -> serde_json::Value {
+        json!({"step": self.state.step, "steps": self.state.config.steps, "validation": self.state.history, "elapsed_s": self.state.elapsed_s})
+    }
+}
+
+fn opt_lrs(config: &TrainConfig, n: usize) -> Vec<f64> {
+    let mut lrs = vec![config.lr; n - 1];
+    lrs.push(config.lr_lr);
+    lrs
+}

@@ -3,7 +3,7 @@
 //! are `engine::worker::EngineMetrics`, registered into the same [`Metrics::registry`]. Label
 //! values known in advance (edit methods, job statuses) come from the layers that own them.
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
 
@@ -36,7 +36,20 @@ pub struct Metrics {
     pub canary_flagged_total: IntCounter,
     /// Edits refused by the damage guard, by the budget limit broken.
     pub edits_rejected_total: IntCounterVec,
+    /// Training steps done by training jobs (trained editors).
+    pub training_steps_total: IntCounter,
+    /// The last validation of the running (or last) training job, by metric.
+    pub training_validation: GaugeVec,
 }
+
+/// The validation metrics of a training job (`emend_training_validation`'s `metric` label).
+pub const TRAINING_METRICS: [&str; 5] = [
+    "edit_success",
+    "generalization",
+    "locality",
+    "loss_edit",
+    "loss_loc",
+];
 
 /// A perplexity ratio of 1 is no damage; the study's collapse reaches 10 and beyond.
 const RATIO_BUCKETS: &[f64] = &[1.0, 1.01, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 5.0, 10.0, 100.0];
@@ -148,6 +161,19 @@ impl Metrics {
                 &["reason"],
             )
             .unwrap(),
+            training_steps_total: IntCounter::new(
+                "emend_training_steps_total",
+                "Training steps done by training jobs",
+            )
+            .unwrap(),
+            training_validation: GaugeVec::new(
+                Opts::new(
+                    "emend_training_validation",
+                    "The last validation of the running or last training job, by metric",
+                ),
+                &["metric"],
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
@@ -175,6 +201,12 @@ impl Metrics {
             .unwrap();
         r.register(Box::new(m.edits_rejected_total.clone()))
             .unwrap();
+        r.register(Box::new(m.training_steps_total.clone()))
+            .unwrap();
+        r.register(Box::new(m.training_validation.clone())).unwrap();
+        for metric in TRAINING_METRICS {
+            m.training_validation.with_label_values(&[metric]);
+        }
         for reason in REJECT_REASONS {
             m.edits_rejected_total.with_label_values(&[reason]);
         }

@@ -160,6 +160,27 @@ async fn mend_trains_as_a_resumable_job_and_edits_exactly() {
     assert_eq!(v[1]["step"], 20, "{t}");
     let artefact = t["artefact"].as_str().unwrap().to_string();
     assert!(artefact.starts_with("mend-"), "{t}");
+    // The restarted server trained steps 11–20 and exports the last validation.
+    let (_, metrics) = get(&url, "/metrics").await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(
+        metrics.contains("emend_training_steps_total 10"),
+        "{metrics}"
+    );
+    let exported: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("emend_training_validation{metric=\"locality\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (exported - v[1]["locality"].as_f64().unwrap()).abs() < 1e-9,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("emend_jobs{kind=\"training\",status=\"succeeded\"} 1"),
+        "{metrics}"
+    );
     assert_eq!(
         artefact,
         uninterrupted_id(&dir),

@@ -172,7 +172,7 @@ pub fn run(g: &Global, a: BenchEditArgs) -> Result<()> {
     let mut rows: Vec<(String, String, String)> = Vec::new();
 
     let methods: Vec<Method> = if a.methods.is_empty() {
-        Method::all()
+        super::edit::trained_or_skipped(Method::all(), &ctx, &m)
     } else {
         a.methods
             .iter()

@@ -77,6 +77,11 @@ pub fn run(g: &Global, a: BenchQualityArgs) -> Result<()> {
     }
     let m = load(g)?;
     let ctx = EditContext::new(env, &m.info);
+    let methods = if a.methods.is_empty() {
+        super::edit::trained_or_skipped(methods, &ctx, &m)
+    } else {
+        methods
+    };
     let base = Overlay::base();
     let mut out = a
         .out

@@ -72,6 +72,39 @@ pub struct StatsArgs {
     pub data_dir: Option<PathBuf>,
 }
 
+/// `methods` without those that need a trained editor none of which is stored for `info`'s
+/// model (a default all-methods run leaves them out, saying so, rather than failing).
+pub fn trained_or_skipped(
+    methods: Vec<emend::engine::editing::Method>,
+    ctx: &emend::engine::editing::EditContext,
+    m: &emend::engine::model::LoadedModel,
+) -> Vec<emend::engine::editing::Method> {
+    use emend::engine::editing::{hparams, Resource};
+    methods
+        .into_iter()
+        .filter(|method| {
+            let defaults = hparams::defaults(*method, m.model.spec());
+            let needs: Vec<Resource> = method
+                .imp()
+                .resources(&defaults)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| matches!(r, Resource::TrainedEditor { .. }))
+                .collect();
+            if needs.is_empty() {
+                return true;
+            }
+            match ctx.acquire(m.model.as_ref(), &m.tokenizer, &needs) {
+                Ok(_) => true,
+                Err(e) => {
+                    eprintln!("skipping {method}: {e}");
+                    false
+                }
+            }
+        })
+        .collect()
+}
+
 pub fn env(data_dir: Option<PathBuf>) -> EditingEnv {
     EditingEnv {
         stats_dir: setup::cache_dir().join("stats"),

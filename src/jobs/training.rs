@@ -196,6 +196,25 @@ pub(super) async fn run(
             Err(e) => return Ok(Err(EvalError::Backend(e.to_string()))),
         };
         let first = *done0.get_or_insert(reply.step);
+        if reply
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.validation.is_none() && p.loss_edit.is_finite())
+        {
+            jobs.metrics.training_steps_total.inc();
+        }
+        if let Some(v) = reply.progress.as_ref().and_then(|p| p.validation.as_ref()) {
+            let g = &jobs.metrics.training_validation;
+            for (metric, x) in [
+                ("edit_success", v.edit_success),
+                ("generalization", v.generalization),
+                ("locality", v.locality),
+                ("loss_edit", v.loss_edit),
+                ("loss_loc", v.loss_loc),
+            ] {
+                g.with_label_values(&[metric]).set(x);
+            }
+        }
         progress.done = reply.step as u64;
         let ran = reply.step.saturating_sub(first);
         progress.eta_seconds = (ran > 0).then(|| {

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::http::send;
+use common::http::{probe_logprobs, send};
 use common::server::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -30,24 +30,6 @@ async fn get(base: &str, path: &str) -> (StatusCode, Value) {
 fn ft_l(record: u64) -> Value {
     json!({"method": "ft-l", "edits": [{"dataset": "counterfact", "id": record}],
            "hparams": {"lr": 0.005, "steps": 5, "norm_constraint": 10.0}})
-}
-
-async fn logprobs(base: &str, id: &str, version: Option<u64>) -> Vec<f64> {
-    let mut body = json!({"requests": [
-        {"context": "The Eiffel Tower is located in the city of", "continuation": " Paris"},
-        {"context": "The capital of Japan is", "continuation": " Tokyo"},
-    ]});
-    if let Some(v) = version {
-        body["version"] = json!(v);
-    }
-    let (s, v) = post(base, &format!("/v1/sessions/{id}/loglikelihood"), body).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    v["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["logprob"].as_f64().unwrap())
-        .collect()
 }
 
 fn ratio(reading: &Value) -> f64 {
@@ -138,7 +120,7 @@ async fn the_guard_refuses_the_edit_over_budget_and_keeps_everything_else() {
     // these 4 on the default model).
     assert!(r1["neighbours"].as_u64().unwrap() >= 3, "{r1}");
     assert!(r1["breaches"].as_array().unwrap().is_empty(), "{r1}");
-    let at_v1 = logprobs(&url, &id, None).await;
+    let at_v1 = probe_logprobs(&url, &id, None).await;
     let (s, v2) = post(&url, &edits, ft_l(1)).await;
     assert_eq!(s, StatusCode::CREATED, "{v2}");
     let r2 = v2["versions"][0]["canary"].clone();
@@ -217,7 +199,7 @@ async fn the_guard_refuses_the_edit_over_budget_and_keeps_everything_else() {
         "nothing of the refused edit is stored"
     );
     assert_eq!(
-        logprobs(&url, &id, None).await,
+        probe_logprobs(&url, &id, None).await,
         at_v1,
         "the session scores as version 1, bit for bit"
     );
@@ -275,7 +257,7 @@ async fn the_guard_refuses_the_edit_over_budget_and_keeps_everything_else() {
     assert_eq!(v["canary"], r2);
     let (s, p) = post(&url, &edits, ft_l(1)).await;
     assert_eq!(s, StatusCode::CONFLICT, "{p}");
-    assert_eq!(logprobs(&url, &id, None).await, at_v1);
+    assert_eq!(probe_logprobs(&url, &id, None).await, at_v1);
 
     // A sweep reads the canary at its checkpoints, beside its tasks: no drift at 0 edits.
     let (s, sw) = post(

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::http::send;
+use common::http::{probe_logprobs, send};
 use common::server::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -39,24 +39,6 @@ fn start(dir: &Path) -> ChildServer {
             ("EMEND_EDITORS_DIR", editors.as_path()),
         ],
     )
-}
-
-async fn logprobs(base: &str, id: &str, version: Option<u64>) -> Vec<f64> {
-    let mut body = json!({"requests": [
-        {"context": "The Eiffel Tower is located in the city of", "continuation": " Paris"},
-        {"context": "The capital of Japan is", "continuation": " Tokyo"},
-    ]});
-    if let Some(v) = version {
-        body["version"] = json!(v);
-    }
-    let (s, v) = post(base, &format!("/v1/sessions/{id}/loglikelihood"), body).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    v["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["logprob"].as_f64().unwrap())
-        .collect()
 }
 
 async fn wait_for(url: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
@@ -202,7 +184,7 @@ async fn mend_trains_as_a_resumable_job_and_edits_exactly() {
     assert_eq!(s, StatusCode::NOT_FOUND);
 
     // A MEND edit (the newest artefact) is a version; restart and rollback are exact.
-    let base = logprobs(&url, &sid, None).await;
+    let base = probe_logprobs(&url, &sid, None).await;
     let (s, v) = post(&url, &edits, mend_edit).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(
@@ -210,7 +192,7 @@ async fn mend_trains_as_a_resumable_job_and_edits_exactly() {
         artefact.as_str(),
         "{v}"
     );
-    let edited = logprobs(&url, &sid, None).await;
+    let edited = probe_logprobs(&url, &sid, None).await;
     assert_ne!(edited, base, "the edit changes the model");
     let (s, v) = post(
         &url,
@@ -230,7 +212,11 @@ async fn mend_trains_as_a_resumable_job_and_edits_exactly() {
     server.kill9();
     let server = start(&dir);
     let url = server.url.clone();
-    assert_eq!(logprobs(&url, &sid, None).await, edited, "restart is exact");
+    assert_eq!(
+        probe_logprobs(&url, &sid, None).await,
+        edited,
+        "restart is exact"
+    );
     let (s, v) = post(
         &url,
         &format!("/v1/sessions/{sid}/rollback"),
@@ -238,7 +224,11 @@ async fn mend_trains_as_a_resumable_job_and_edits_exactly() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert_eq!(logprobs(&url, &sid, None).await, base, "rollback is exact");
+    assert_eq!(
+        probe_logprobs(&url, &sid, None).await,
+        base,
+        "rollback is exact"
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -154,6 +154,15 @@ pub struct FinishedTask {
     pub attempt: u32,
 }
 
+/// A job row decoded: its spec as `S` and what every kind shares.
+struct Decoded<S> {
+    spec: S,
+    status: JobStatus,
+    progress: JobProgress,
+    rec: Record,
+    cancel_requested: bool,
+}
+
 /// The `result` column: what finished so far.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Record {
@@ -386,13 +395,14 @@ impl Jobs {
         Ok(row)
     }
 
-    fn to_job(&self, row: JobRow, with_results: bool) -> Result<Job, JobError> {
+    /// What every kind of job row holds besides its spec: status, progress, the result record
+    /// and whether a cancel of the running job is pending; the spec parsed as `S`.
+    fn decode<S: serde::de::DeserializeOwned>(&self, row: &JobRow) -> Result<Decoded<S>, JobError> {
         let corrupt = |msg: String| JobError::Corrupt {
             id: row.id.clone(),
             msg,
         };
-        let spec: EvaluationSpec =
-            serde_json::from_str(&row.spec).map_err(|e| corrupt(format!("spec: {e}")))?;
+        let spec: S = serde_json::from_str(&row.spec).map_err(|e| corrupt(format!("spec: {e}")))?;
         let status = JobStatus::parse(&row.status)
             .ok_or_else(|| corrupt(format!("status `{}`", row.status)))?;
         let progress: JobProgress = row
@@ -414,6 +424,23 @@ impl Jobs {
                 .current()
                 .as_ref()
                 .is_some_and(|(id, f)| *id == row.id && f.load(Ordering::Relaxed));
+        Ok(Decoded {
+            spec,
+            status,
+            progress,
+            rec,
+            cancel_requested,
+        })
+    }
+
+    fn to_job(&self, row: JobRow, with_results: bool) -> Result<Job, JobError> {
+        let Decoded {
+            spec,
+            status,
+            progress,
+            rec,
+            cancel_requested,
+        } = self.decode::<EvaluationSpec>(&row)?;
         Ok(Job {
             id: row.id,
             kind: row.kind,

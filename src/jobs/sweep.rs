@@ -6,14 +6,15 @@
 //! `sweep_job.rs`.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::checks::{check_fewshot, check_limit, check_tasks, count_requests};
-use super::{invalid, json, EvaluationSpec, JobError, JobProgress, JobStatus, Jobs, Record, SWEEP};
+use super::{
+    invalid, json, Decoded, EvaluationSpec, JobError, JobProgress, JobStatus, Jobs, Record, SWEEP,
+};
 use crate::engine::editing::datasets::{self, EditDataset};
 use crate::engine::editing::{self, Method};
 use crate::engine::model::ModelSpec;
@@ -348,33 +349,13 @@ impl Jobs {
     }
 
     fn to_sweep(&self, row: JobRow) -> Result<Sweep, JobError> {
-        let corrupt = |msg: String| JobError::Corrupt {
-            id: row.id.clone(),
-            msg,
-        };
-        let spec: SweepSpec =
-            serde_json::from_str(&row.spec).map_err(|e| corrupt(format!("spec: {e}")))?;
-        let status = JobStatus::parse(&row.status)
-            .ok_or_else(|| corrupt(format!("status `{}`", row.status)))?;
-        let progress: JobProgress = row
-            .progress
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|e| corrupt(format!("progress: {e}")))?
-            .unwrap_or_default();
-        let rec: Record = row
-            .result
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|e| corrupt(format!("result: {e}")))?
-            .unwrap_or_default();
-        let cancel_requested = status == JobStatus::Running
-            && self
-                .current()
-                .as_ref()
-                .is_some_and(|(id, f)| *id == row.id && f.load(Ordering::Relaxed));
+        let Decoded {
+            spec,
+            status,
+            progress,
+            rec,
+            cancel_requested,
+        } = self.decode::<SweepSpec>(&row)?;
         let methods = spec.methods();
         let sessions: BTreeMap<String, String> = methods
             .iter()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{invalid, json, JobError, JobProgress, JobStatus, Jobs, Record};
+use super::{invalid, json, Decoded, JobError, JobProgress, JobStatus, Jobs, Record};
 use crate::engine::eval::EvalError;
 use crate::engine::training::{records, TrainConfig, Validation};
 use crate::engine::worker::{Admission, TrainAction};
@@ -114,33 +114,13 @@ impl Jobs {
     }
 
     fn to_training(&self, row: JobRow) -> Result<Training, JobError> {
-        let corrupt = |msg: String| JobError::Corrupt {
-            id: row.id.clone(),
-            msg,
-        };
-        let config: TrainConfig =
-            serde_json::from_str(&row.spec).map_err(|e| corrupt(format!("spec: {e}")))?;
-        let status = JobStatus::parse(&row.status)
-            .ok_or_else(|| corrupt(format!("status `{}`", row.status)))?;
-        let progress: JobProgress = row
-            .progress
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|e| corrupt(format!("progress: {e}")))?
-            .unwrap_or_default();
-        let rec: Record = row
-            .result
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|e| corrupt(format!("result: {e}")))?
-            .unwrap_or_default();
-        let cancel_requested = status == JobStatus::Running
-            && self
-                .current()
-                .as_ref()
-                .is_some_and(|(id, f)| *id == row.id && f.load(Ordering::Relaxed));
+        let Decoded {
+            spec: config,
+            status,
+            progress,
+            rec,
+            cancel_requested,
+        } = self.decode::<TrainConfig>(&row)?;
         let t = rec.training.unwrap_or_default();
         Ok(Training {
             id: row.id,

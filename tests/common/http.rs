@@ -25,3 +25,24 @@ pub async fn send(
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
 }
+
+/// Log-likelihoods of two probe facts ("The Eiffel Tower is located in the city of" → Paris,
+/// "The capital of Japan is" → Tokyo) on a session's version (`None`: its current one).
+pub async fn probe_logprobs(base: &str, id: &str, version: Option<u64>) -> Vec<f64> {
+    let mut body = serde_json::json!({"requests": [
+        {"context": "The Eiffel Tower is located in the city of", "continuation": " Paris"},
+        {"context": "The capital of Japan is", "continuation": " Tokyo"},
+    ]});
+    if let Some(v) = version {
+        body["version"] = serde_json::json!(v);
+    }
+    let path = format!("/v1/sessions/{id}/loglikelihood");
+    let (s, v) = send(base, None, Method::POST, &path, Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["logprob"].as_f64().unwrap())
+        .collect()
+}

@@ -56,7 +56,7 @@ const RATIO_BUCKETS: &[f64] = &[1.0, 1.01, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 5.0, 
 const DROP_BUCKETS: &[f64] = &[-5.0, 0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0];
 const FLIP_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0];
 /// Budget limits, the values of `emend_edits_rejected_total`'s `reason` label.
-pub const REJECT_REASONS: [&str; 3] = ["perplexity_ratio", "accuracy_drop", "neighbour_flips"];
+pub use crate::canary::budget::LIMITS as REJECT_REASONS;
 
 /// Jobs run from seconds (a few documents) to hours (full benchmarks on CPU).
 const JOB_SECONDS: &[f64] = &[

@@ -136,13 +136,7 @@ async fn damage(
     id: web::Path<String>,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
-    if let Some(k) = query.keys().find(|k| *k != "format") {
-        return Err(ApiError::field(
-            k,
-            "is not a query parameter of this route (`format`)",
-        ));
-    }
-    let format = Format::parse(query.get("format").map(String::as_str))?;
+    let format = Format::from_query(&query)?;
     let curve = state.sessions.damage(&tenant.0, &id).await?;
     let title = format!("Damage curve of session {}", curve.session);
     Ok(match format {

@@ -114,6 +114,17 @@ pub(crate) enum Format {
 }
 
 impl Format {
+    /// The `format` query parameter of a route that takes no other.
+    pub(crate) fn from_query(query: &HashMap<String, String>) -> Result<Self, ApiError> {
+        if let Some(k) = query.keys().find(|k| *k != "format") {
+            return Err(ApiError::field(
+                k,
+                "is not a query parameter of this route (`format`)",
+            ));
+        }
+        Self::parse(query.get("format").map(String::as_str))
+    }
+
     pub(crate) fn parse(s: Option<&str>) -> Result<Self, ApiError> {
         Ok(match s {
             None | Some("json") => Self::Json,
@@ -192,13 +203,7 @@ async fn curve(
     id: web::Path<String>,
     query: web::Query<HashMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
-    if let Some(k) = query.keys().find(|k| *k != "format") {
-        return Err(ApiError::field(
-            k,
-            "is not a query parameter of this route (`format`)",
-        ));
-    }
-    let format = Format::parse(query.get("format").map(String::as_str))?;
+    let format = Format::from_query(&query)?;
     render(&state, &tenant, &id, format).await
 }
 

@@ -59,6 +59,10 @@ pub struct BudgetError {
     pub message: String,
 }
 
+/// The budget's limits, in the order of its fields: the names breaches carry, and the values
+/// of `emend_edits_rejected_total`'s `reason` label.
+pub const LIMITS: [&str; 3] = ["perplexity_ratio", "accuracy_drop", "neighbour_flips"];
+
 impl Budget {
     pub fn validate(&self) -> Result<(), BudgetError> {
         let bad = |field: &str, message: String| {
@@ -98,7 +102,7 @@ impl Budget {
         if let Some(max) = self.perplexity_ratio {
             if drift.perplexity_ratio > max {
                 out.push(Breach::new(
-                    "perplexity_ratio",
+                    LIMITS[0],
                     drift.perplexity_ratio,
                     max,
                     drift.worst_perplexity.clone(),
@@ -108,7 +112,7 @@ impl Budget {
         if let Some(max) = self.accuracy_drop {
             if drift.accuracy_drop > max {
                 out.push(Breach::new(
-                    "accuracy_drop",
+                    LIMITS[1],
                     drift.accuracy_drop,
                     max,
                     drift.worst_accuracy.clone(),
@@ -118,7 +122,7 @@ impl Budget {
         if let Some(max) = self.neighbour_flips {
             if drift.neighbour_flips > max {
                 out.push(Breach::new(
-                    "neighbour_flips",
+                    LIMITS[2],
                     drift.neighbour_flips as f64,
                     max as f64,
                     None,

@@ -18,9 +18,12 @@ use super::{load, Global};
 
 #[derive(Args)]
 pub struct BenchQualityArgs {
-    /// CounterFact records, from the first (each edited alone on the base model).
+    /// Records, from the first (each edited alone on the base model).
     #[arg(long, default_value_t = 50)]
     pub records: usize,
+    /// `counterfact` or `zsre` (the portability file: its table has a portability column).
+    #[arg(long, default_value = "counterfact")]
+    pub dataset: String,
     /// Methods (comma-separated) [default: every registered method].
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
@@ -33,7 +36,8 @@ pub struct BenchQualityArgs {
     /// Write every record's metrics (JSON lines) into this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Write the table into this markdown file (between the quality-bench markers).
+    /// Write the table into this markdown file (between the quality-bench markers;
+    /// quality-bench-zsre for zsRE).
     #[arg(long)]
     pub write_md: Option<PathBuf>,
 }
@@ -47,6 +51,7 @@ struct Row {
     generalization: Option<f64>,
     locality: Option<f64>,
     success: Option<f64>,
+    portability: Option<f64>,
     seconds: Option<f64>,
 }
 
@@ -71,9 +76,10 @@ pub fn run(g: &Global, a: BenchQualityArgs) -> Result<()> {
         .data_dir
         .clone()
         .context("no dataset directory: pass --data-dir or set EMEND_DATA_DIR")?;
-    let records = datasets::load(EditDataset::Counterfact, &data)?;
+    let dataset: EditDataset = a.dataset.parse()?;
+    let records = datasets::load(dataset, &data)?;
     if records.len() < a.records {
-        bail!("CounterFact has {} records", records.len());
+        bail!("{} has {} records", dataset.name(), records.len());
     }
     let m = load(g)?;
     let ctx = EditContext::new(env, &m.info);
@@ -91,8 +97,8 @@ pub fn run(g: &Global, a: BenchQualityArgs) -> Result<()> {
         .context("--out")?;
     let mut rows = Vec::new();
     for method in methods {
-        let (mut rel, mut gen, mut loc, mut suc, mut secs) =
-            (vec![], vec![], vec![], vec![], vec![]);
+        let (mut rel, mut gen, mut loc, mut suc, mut port, mut secs) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
         for r in &records[..a.records] {
             let steps = editing::apply(
                 &m,
@@ -109,6 +115,7 @@ pub fn run(g: &Global, a: BenchQualityArgs) -> Result<()> {
             gen.extend(post.generalization);
             loc.extend(post.locality);
             suc.extend(post.success);
+            port.extend(post.portability);
             let ms = s.diagnostics["phases_ms"]["compute"]
                 .as_f64()
                 .unwrap_or(s.duration_ms as f64);
@@ -131,9 +138,10 @@ pub fn run(g: &Global, a: BenchQualityArgs) -> Result<()> {
             generalization: mean(&gen),
             locality: mean(&loc),
             success: mean(&suc),
+            portability: mean(&port),
             seconds: secs.get(secs.len() / 2).copied(),
         };
-        eprintln!("{}", render_row(&row));
+        eprintln!("{}", render_row(&row, dataset == EditDataset::Zsre));
         rows.push(row);
     }
     for p in &a.peer {
@@ -149,13 +157,18 @@ pub fn run(g: &Global, a: BenchQualityArgs) -> Result<()> {
             generalization: v["generalization"].as_f64(),
             locality: v["locality"].as_f64(),
             success: v["success"].as_f64(),
+            portability: v["portability"].as_f64(),
             seconds: v["edit_s_median"].as_f64(),
         });
     }
-    let table = render(&rows, a.records, &m.info.name);
+    let table = render(&rows, dataset, a.records, &m.info.name);
     print!("{table}");
     if let Some(md) = &a.write_md {
-        write_marked(md, "quality-bench", &table)?;
+        let marker = match dataset {
+            EditDataset::Zsre => "quality-bench-zsre",
+            _ => "quality-bench",
+        };
+        write_marked(md, marker, &table)?;
     }
     Ok(())
 }
@@ -164,9 +177,14 @@ fn f3(x: Option<f64>) -> String {
     x.map_or("-".into(), |v| format!("{v:.3}"))
 }
 
-fn render_row(r: &Row) -> String {
+fn render_row(r: &Row, portability: bool) -> String {
+    let port = if portability {
+        format!(" {} |", f3(r.portability))
+    } else {
+        String::new()
+    };
     format!(
-        "| {} | {} | {} | {:.3} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {:.3} | {} | {} | {} |{port} {} |",
         r.method,
         r.who,
         r.records,
@@ -178,18 +196,30 @@ fn render_row(r: &Row) -> String {
     )
 }
 
-fn render(rows: &[Row], records: usize, model: &str) -> String {
+fn render(rows: &[Row], dataset: EditDataset, records: usize, model: &str) -> String {
+    let zsre = dataset == EditDataset::Zsre;
     let mut s = format!(
-        "CounterFact records 0–{} of the data folder, each edited alone on the base model \
+        "{} records 0–{} of the data folder, each edited alone on the base model \
          ({model}), methods at their defaults; means over the records (teacher-forced token \
-         accuracy, EasyEdit's definitions; success: P(new) > P(true)); seconds: median compute \
-         per edit.\n\n",
-        records - 1
+         accuracy, EasyEdit's definitions; success: P(new) > P(true){}); seconds: median \
+         compute per edit.\n\n",
+        dataset.name(),
+        records - 1,
+        if zsre {
+            "; portability: token accuracy of the portability answers"
+        } else {
+            ""
+        }
     );
-    s.push_str("| method | by | records | reliability | generalization | locality | success | s / edit |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+    if zsre {
+        s.push_str("| method | by | records | reliability | generalization | locality | success | portability | s / edit |\n");
+        s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    } else {
+        s.push_str("| method | by | records | reliability | generalization | locality | success | s / edit |\n");
+        s.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+    }
     for r in rows {
-        s.push_str(&render_row(r));
+        s.push_str(&render_row(r, zsre));
         s.push('\n');
     }
     s

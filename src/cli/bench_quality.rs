@@ -82,6 +82,20 @@ pub fn run(g: &Global, a: BenchQualityArgs) -> Result<()> {
         bail!("{} has {} records", dataset.name(), records.len());
     }
     let m = load(g)?;
+    // zsRE has records an edit request cannot hold (a locality answer over the token limit):
+    // the first `records` that validate are used, and the rest counted.
+    let usable: Vec<_> = records
+        .iter()
+        .filter(|r| editing::validate(std::slice::from_ref(&r.request), &m.tokenizer).is_ok())
+        .take(a.records)
+        .collect();
+    let skipped = records.iter().take_while(|r| Some(r.id) <= usable.last().map(|u| u.id)).count() - usable.len();
+    if skipped > 0 {
+        eprintln!("{skipped} records before the last one used cannot be edit requests (skipped)");
+    }
+    if usable.len() < a.records {
+        bail!("{} has {} usable records", dataset.name(), usable.len());
+    }
     let ctx = EditContext::new(env, &m.info);
     let methods = if a.methods.is_empty() {
         super::edit::trained_or_skipped(methods, &ctx, &m)
@@ -99,7 +113,7 @@ pub fn run(g: &Global, a: BenchQualityArgs) -> Result<()> {
     for method in methods {
         let (mut rel, mut gen, mut loc, mut suc, mut port, mut secs) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
-        for r in &records[..a.records] {
+        for r in &usable {
             let steps = editing::apply(
                 &m,
                 &base,
@@ -199,12 +213,12 @@ fn render_row(r: &Row, portability: bool) -> String {
 fn render(rows: &[Row], dataset: EditDataset, records: usize, model: &str) -> String {
     let zsre = dataset == EditDataset::Zsre;
     let mut s = format!(
-        "{} records 0–{} of the data folder, each edited alone on the base model \
-         ({model}), methods at their defaults; means over the records (teacher-forced token \
+        "{}: the first {} records of the data folder that are valid edit requests, each edited \
+         alone on the base model ({model}), methods at their defaults; means over the records (teacher-forced token \
          accuracy, EasyEdit's definitions; success: P(new) > P(true){}); seconds: median \
          compute per edit.\n\n",
         dataset.name(),
-        records - 1,
+        records,
         if zsre {
             "; portability: token accuracy of the portability answers"
         } else {

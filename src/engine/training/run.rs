@@ -240,10 +240,7 @@ impl Trainer {
         };
         let dev = model.device();
         let mut net = MendNet::new(shape, config.edit_lr, config.seed, dev)?;
-        let vars = net.vars();
-        let mut lrs = vec![config.lr; vars.len() - 1];
-        lrs.push(config.lr_lr);
-        let mut opt = Adam::new(vars, lrs)?;
+        let mut opt = Adam::new(net.vars(), opt_lrs(&config, net.vars().len()))?;
         std::fs::create_dir_all(run_dir)?;
         let checkpoint = run_dir.join("checkpoint.safetensors");
         let mut state = State {
@@ -555,6 +552,8 @@ impl Trainer {
     }
 }
 
+/// Adam's learning rate per variable: the network's `lr`, the edit learning rates' `lr_lr`
+/// (the last variable).
 fn opt_lrs(config: &TrainConfig, n: usize) -> Vec<f64> {
     let mut lrs = vec![config.lr; n - 1];
     lrs.push(config.lr_lr);

@@ -89,7 +89,11 @@ pub fn run(g: &Global, a: BenchQualityArgs) -> Result<()> {
         .filter(|r| editing::validate(std::slice::from_ref(&r.request), &m.tokenizer).is_ok())
         .take(a.records)
         .collect();
-    let skipped = records.iter().take_while(|r| Some(r.id) <= usable.last().map(|u| u.id)).count() - usable.len();
+    let skipped = records
+        .iter()
+        .take_while(|r| Some(r.id) <= usable.last().map(|u| u.id))
+        .count()
+        - usable.len();
     if skipped > 0 {
         eprintln!("{skipped} records before the last one used cannot be edit requests (skipped)");
     }

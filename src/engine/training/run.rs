@@ -336,15 +336,22 @@ impl Trainer {
     fn train_step(&mut self, model: &dyn CausalLm, tok: &Tok) -> Result<Progress, TrainingError> {
         let rec = self.record_at(self.state.step).clone();
         let (l_edit, l_loc) = self.losses(model, tok, &rec, true)?;
-        let cfg = &self.state.config;
-        let total = ((l_edit.clone() * cfg.cedit)? + (l_loc.clone() * cfg.cloc)?)?;
-        let total = (total / cfg.accumulate as f64)?;
-        let store = total.backward()?;
-        accumulate(&mut self.grads, &self.net.vars(), &store)?;
         let (le, ll) = (
             l_edit.to_scalar::<f32>()? as f64,
             l_loc.to_scalar::<f32>()? as f64,
         );
+        // A NaN would poison the network, the checkpoint and the job's stored curve.
+        if !(le.is_finite() && ll.is_finite()) {
+            return Err(TrainingError::Invalid(format!(
+                "training diverged at step {}: the loss is not finite; lower `lr` or `edit_lr`",
+                self.state.step + 1
+            )));
+        }
+        let cfg = &self.state.config;
+        let total = ((l_edit * cfg.cedit)? + (l_loc * cfg.cloc)?)?;
+        let total = (total / cfg.accumulate as f64)?;
+        let store = total.backward()?;
+        accumulate(&mut self.grads, &self.net.vars(), &store)?;
         self.state.step += 1;
         let step = self.state.step;
         if step.is_multiple_of(cfg.accumulate) || step == cfg.steps {

@@ -67,13 +67,18 @@ impl Trainers {
             self.runs.insert(run_dir.clone(), t);
         }
         let trainer = self.runs.get_mut(&run_dir).expect("inserted above");
-        let (progress, artefact) = match action {
+        let piece = match action {
             TrainAction::Advance if !trainer.done() => {
-                (Some(trainer.advance(lm, &model.tokenizer)?), None)
+                trainer.advance(lm, &model.tokenizer).map(|p| (Some(p), None))
             }
-            TrainAction::Advance => (None, None),
-            _ => (None, Some(trainer.finish(&ctx.editors)?)),
+            TrainAction::Advance => Ok((None, None)),
+            _ => trainer.finish(&ctx.editors).map(|id| (None, Some(id))),
         };
+        // A failed run ends its job: let it go rather than keep it in memory.
+        let (progress, artefact) = piece.inspect_err(|_| {
+            self.runs.remove(&run_dir);
+        })?;
+        let trainer = self.runs.get(&run_dir).expect("kept on success");
         let reply = TrainReply {
             step: trainer.step(),
             done: trainer.done(),

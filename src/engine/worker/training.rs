@@ -68,9 +68,9 @@ impl Trainers {
         }
         let trainer = self.runs.get_mut(&run_dir).expect("inserted above");
         let piece = match action {
-            TrainAction::Advance if !trainer.done() => {
-                trainer.advance(lm, &model.tokenizer).map(|p| (Some(p), None))
-            }
+            TrainAction::Advance if !trainer.done() => trainer
+                .advance(lm, &model.tokenizer)
+                .map(|p| (Some(p), None)),
             TrainAction::Advance => Ok((None, None)),
             _ => trainer.finish(&ctx.editors).map(|id| (None, Some(id))),
         };

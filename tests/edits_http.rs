@@ -437,7 +437,8 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
             "ft-l",
             "ft-m",
             "grace",
-            "wise"
+            "wise",
+            "mend"
         ]
     );
     for m in v["methods"].as_array().unwrap() {
@@ -461,6 +462,11 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
         200
     );
     assert_eq!(v["methods"][5]["resources"], json!([]), "FT needs nothing");
+    assert_eq!(
+        v["methods"][9]["resources"],
+        json!([{"kind": "trained_editor", "method": "mend", "artefact": null}]),
+        "MEND needs the newest trained editor"
+    );
     assert_eq!(v["methods"][4]["resources"], json!([]), "KN needs nothing");
     assert_eq!(
         v["methods"][2]["resources"][1],

@@ -6,7 +6,9 @@
 # context length) and some rules span fields (`prompt` xor `messages`), so a schema-valid body
 # can rightly get a documented 422. Applying edits is left out: a schema-valid edit is real
 # work (ROME/MEMIT compute key statistics first, minutes on this CPU); tests/edits_http.rs and
-# tests/editing.rs cover that route.
+# tests/editing.rs cover that route. `use_after_free` is off: DELETE on a job (evaluation, sweep,
+# training) cancels it, and the job stays readable as `cancelled` with what it finished, so a GET
+# after the DELETE rightly answers 200.
 #   scripts/schemathesis.sh [path/to/emend]   (needs `pip install schemathesis`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ schemathesis run openapi/openapi.json \
   --url "http://127.0.0.1:$PORT" \
   --header "Authorization: Bearer $KEY" \
   --checks all \
-  --exclude-checks positive_data_acceptance \
+  --exclude-checks positive_data_acceptance,use_after_free \
   --max-examples "$EXAMPLES" \
   --exclude-path /metrics --exclude-path '/v1/sessions/{id}/edits' --max-time ${MAX_TIME:-150} --seed 1 \
   --generation-deterministic \

@@ -125,6 +125,10 @@ impl TrainConfig {
                 return bad(f, format!("must be a number in [0, {hi}]"));
             }
         }
+        // The schema's integers are int64: a seed beyond that is out of range for clients too.
+        if self.seed > i64::MAX as u64 {
+            return bad("seed", format!("must be at most {}", i64::MAX));
+        }
         if !self.val_every.is_multiple_of(self.accumulate) {
             return bad(
                 "val_every",

@@ -29,7 +29,7 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Where ROME/MEMIT key statistics are cached; unset = `<cache dir>/stats`.
     pub stats_dir: Option<PathBuf>,
-    /// Where trained editors (MEND artefacts) are stored; unset = `<cache dir>/editors`.
+    /// Where trained editors (MEND and SERAC artefacts) are stored; unset = `<cache dir>/editors`.
     pub editors_dir: Option<PathBuf>,
     /// Most edits in one `POST /v1/sessions/{id}/edits`.
     pub max_edits_per_request: usize,
@@ -238,7 +238,7 @@ impl Config {
         serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
     }
 
-    /// Where trained editors (MEND artefacts) are stored.
+    /// Where trained editors (MEND and SERAC artefacts) are stored.
     pub fn editors_dir(&self) -> PathBuf {
         self.editors_dir
             .clone()

@@ -438,7 +438,8 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
             "ft-m",
             "grace",
             "wise",
-            "mend"
+            "mend",
+            "serac"
         ]
     );
     for m in v["methods"].as_array().unwrap() {
@@ -466,6 +467,11 @@ async fn methods_are_listed_with_defaults_and_edit_metrics_are_exported() {
         v["methods"][9]["resources"],
         json!([{"kind": "trained_editor", "method": "mend", "artefact": null}]),
         "MEND needs the newest trained editor"
+    );
+    assert_eq!(
+        v["methods"][10]["resources"],
+        json!([{"kind": "trained_editor", "method": "serac", "artefact": null}]),
+        "SERAC needs the newest trained classifier"
     );
     assert_eq!(v["methods"][4]["resources"], json!([]), "KN needs nothing");
     assert_eq!(

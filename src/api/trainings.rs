@@ -1,4 +1,4 @@
-//! `/v1/trainings`: trained editors (MEND) trained as resumable jobs; `/v1/artefacts`: the
+//! `/v1/trainings`: trained editors (MEND, SERAC) trained as resumable jobs; `/v1/artefacts`: the
 //! trained editors with their provenance.
 use std::collections::HashMap;
 

@@ -102,7 +102,7 @@ pub enum Command {
     /// The paper's protocol in-process: edits one by one, benchmarks at checkpoints; writes
     /// curve.csv, curve.json and curve.svg.
     Sweep(sweep::SweepArgs),
-    /// Train an editor (MEND) against the model; prints the artefact's id.
+    /// Train an editor (MEND or SERAC) against the model; prints the artefact's id.
     Train(train::TrainArgs),
     /// Draw the curves of several sweeps (their curve.json) as one table and chart.
     Chart(sweep::ChartArgs),

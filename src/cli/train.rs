@@ -1,4 +1,4 @@
-//! `emend train`: trains an editor (MEND) against the model, with a progress bar on stderr,
+//! `emend train`: trains an editor (MEND or SERAC) against the model, with a progress bar on stderr,
 //! validation lines as they come, and the artefact's id on stdout. Checkpoints go to
 //! `<cache>/trainings/<run>`; running the same command again after a kill resumes there.
 use std::path::PathBuf;
@@ -68,6 +68,7 @@ pub fn run(g: &Global, a: TrainArgs) -> Result<()> {
     let dir = data_dir(a.data_dir.clone());
     let mut trainer = Trainer::open(
         m.model.as_ref(),
+        &m.tokenizer,
         config.clone(),
         &dir,
         &run_dir,

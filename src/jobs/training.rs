@@ -1,4 +1,4 @@
-//! `training` jobs: an editor (MEND) trained against the resident model through the engine's
+//! `training` jobs: an editor (MEND or SERAC) trained against the resident model through the engine's
 //! edit lane, one piece of work per call, so that interactive traffic is served between
 //! steps. Progress and the validation curve are written to the job's row as they come; the
 //! run's checkpoints live in `<trainings_dir>/<job id>`, so a restarted server resumes a

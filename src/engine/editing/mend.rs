@@ -51,7 +51,7 @@ impl TypedMethod for Mend {
 
     fn compute(&self, input: &EditInput<'_>, _h: &MendHparams) -> Result<MethodOutput, EditError> {
         let artefact = input.resources.editor()?;
-        let net = &artefact.net;
+        let net = artefact.editor.mend()?;
         let model = input.model;
         let layers = &net.shape.layers;
         let mut deltas = Vec::new();

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::nullspace::NullSpace;
 use super::stats::LayerStats;
 use super::{
-    alphaedit, ft, grace, hparams, kn, memit, mend, pmet, rome, wise, EditError, EditRequest,
+    alphaedit, ft, grace, hparams, kn, memit, mend, pmet, rome, serac, wise, EditError, EditRequest,
 };
 use crate::engine::model::{ModelSpec, Tok};
 use crate::engine::overlay::{Delta, Edited, Overlay, StateEntry};
@@ -31,6 +31,7 @@ static REGISTRY: &[&dyn EditMethod] = &[
     &grace::Grace,
     &wise::Wise,
     &mend::Mend,
+    &serac::Serac,
 ];
 
 /// Something a method needs that is computed once and shared across edits; the engine acquires

@@ -34,6 +34,7 @@ mod nullspace;
 mod pmet;
 mod prepare;
 mod rome;
+mod serac;
 mod wise;
 
 pub use compute::{apply, apply_prepared, remeasure, EditContext, MeasureOptions};

@@ -1,4 +1,5 @@
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -74,6 +75,14 @@ pub trait CausalLm: Send + Sync {
         false
     }
 
+    /// Per input, the tokens a module conditions it on (SERAC's retrieved edit), or `None`
+    /// for every input when no module does. Scoring and generation run a conditioned
+    /// sequence as [`Conditioning::apply`] makes it.
+    #[allow(clippy::type_complexity)]
+    fn condition(&self, _inputs: &[&[u32]]) -> Result<Option<Vec<Option<Arc<Conditioning>>>>> {
+        Ok(None)
+    }
+
     /// Every site this model exposes, in forward order.
     fn sites(&self) -> Vec<Site> {
         (0..self.spec().n_layers)
@@ -95,5 +104,47 @@ pub trait CausalLm: Send + Sync {
     fn forward(&self, input_ids: &Tensor, fwd: &mut Forward) -> Result<Tensor> {
         let h = self.hidden(input_ids, fwd)?;
         self.head(&h, fwd.differentiable)
+    }
+}
+
+/// Tokens put in front of a sequence: an edit written out, for the model to read before the
+/// input (SERAC's counterfactual model is the session's model conditioned this way).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conditioning {
+    pub text: Vec<u32>,
+    /// A token a sequence may start with that stays first (the stand-in for an empty context).
+    pub lead: u32,
+}
+
+impl Conditioning {
+    /// `seq` with the text in front (after its lead token, when it starts with one): every
+    /// position of `seq` past the first moves by the text's length.
+    pub fn apply(&self, seq: &[u32]) -> Vec<u32> {
+        let mut out = Vec::with_capacity(seq.len() + self.text.len());
+        let rest = match seq.first() {
+            Some(&t) if t == self.lead => {
+                out.push(t);
+                &seq[1..]
+            }
+            _ => seq,
+        };
+        out.extend_from_slice(&self.text);
+        out.extend_from_slice(rest);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Conditioning;
+
+    #[test]
+    fn conditioning_keeps_a_lead_token_first() {
+        let c = Conditioning {
+            text: vec![100, 101],
+            lead: 0,
+        };
+        assert_eq!(c.apply(&[0, 5, 6]), vec![0, 100, 101, 5, 6]);
+        assert_eq!(c.apply(&[5, 6]), vec![100, 101, 5, 6]);
     }
 }

@@ -81,6 +81,36 @@ pub fn generate_each(
     on_text: &mut dyn FnMut(usize, &str) -> bool,
 ) -> Result<Vec<Generation>> {
     assert_eq!(prompts.len(), params.len(), "one parameter set per prompt");
+    let inputs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let Some(conds) = model.condition(&inputs)? else {
+        return generate_unconditioned(model, tok, prompts, params, on_text);
+    };
+    // A conditioned prompt (SERAC's retrieved edit in front) is what the cache holds, so the
+    // decision holds for every new token; one pushed past the context stays as it is.
+    let ctx_len = model.spec().context_length;
+    let conditioned: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(conds)
+        .map(|(p, c)| match c {
+            Some(c) if p.len() + c.text.len() < ctx_len => c.apply(p),
+            _ => p.clone(),
+        })
+        .collect();
+    let mut gens = generate_unconditioned(model, tok, &conditioned, params, on_text)?;
+    for (g, p) in gens.iter_mut().zip(prompts) {
+        g.prompt_tokens = p.len();
+    }
+    Ok(gens)
+}
+
+/// [`generate_each`] on the prompts as given (no conditioning module consulted).
+fn generate_unconditioned(
+    model: &dyn CausalLm,
+    tok: &Tok,
+    prompts: &[Vec<u32>],
+    params: &[GenParams],
+    on_text: &mut dyn FnMut(usize, &str) -> bool,
+) -> Result<Vec<Generation>> {
     let spec = model.spec();
     let ctx_len = spec.context_length;
     if prompts.is_empty() {

@@ -20,7 +20,7 @@ pub mod score;
 pub mod tokenizer;
 mod weights;
 
-pub use arch::{Architecture, CausalLm, ModelSpec};
+pub use arch::{Architecture, CausalLm, Conditioning, ModelSpec};
 pub use batch::Forward;
 pub use error::{ModelError, Result};
 pub(crate) use hooks::{gather_rows, patch_rows};

@@ -104,6 +104,65 @@ pub fn score_tokens_shared(
     prefix_kv: Option<&mut PrefixKv>,
 ) -> Result<Vec<TokenScores>> {
     assert_eq!(seqs.len(), from.len());
+    if let Some((seqs, from)) = conditioned(model, seqs, from)? {
+        return score_unconditioned(model, &seqs, &from, top_n, budget, prefix_kv);
+    }
+    score_unconditioned(model, seqs, from, top_n, budget, prefix_kv)
+}
+
+/// The sequences and scoring starts a conditioning module (SERAC's memory) makes of `seqs`, or
+/// `None` when the model has no such module. A sequence is decided on its tokens before
+/// `from` (its context), or on all of them when scoring starts at its first token; one the
+/// conditioning would push past the context length stays as it is.
+#[allow(clippy::type_complexity)]
+fn conditioned(
+    model: &dyn CausalLm,
+    seqs: &[Vec<u32>],
+    from: &[usize],
+) -> Result<Option<(Vec<Vec<u32>>, Vec<usize>)>> {
+    let inputs: Vec<&[u32]> = seqs
+        .iter()
+        .zip(from)
+        .map(|(s, &f)| {
+            if f > 1 && f <= s.len() {
+                &s[..f]
+            } else {
+                &s[..]
+            }
+        })
+        .collect();
+    let Some(conds) = model.condition(&inputs)? else {
+        return Ok(None);
+    };
+    let ctx = model.spec().context_length;
+    let mut out = (
+        Vec::with_capacity(seqs.len()),
+        Vec::with_capacity(seqs.len()),
+    );
+    for ((s, &f), c) in seqs.iter().zip(from).zip(conds) {
+        match c {
+            Some(c) if f > 0 && s.len() + c.text.len() <= ctx + 1 => {
+                out.0.push(c.apply(s));
+                out.1.push(f + c.text.len());
+            }
+            _ => {
+                out.0.push(s.clone());
+                out.1.push(f);
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// [`score_tokens_shared`] on the sequences as given (no conditioning module consulted).
+fn score_unconditioned(
+    model: &dyn CausalLm,
+    seqs: &[Vec<u32>],
+    from: &[usize],
+    top_n: usize,
+    budget: usize,
+    prefix_kv: Option<&mut PrefixKv>,
+) -> Result<Vec<TokenScores>> {
     let ctx = model.spec().context_length;
     for (s, &f) in seqs.iter().zip(from) {
         if f == 0 || f > s.len() {

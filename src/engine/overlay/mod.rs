@@ -6,24 +6,30 @@
 //! [`PreparedOverlay`]: per edited weight the stacked low-rank factors (`y = W x + U (Vᵀ x)`),
 //! or one dense copy `W + U Vᵀ` once the stacked rank makes the dense product cheaper.
 //! Run-time modules (GRACE's [`Codebook`], WISE's [`WiseMemory`]) are folded from the chain's
-//! method state the same way and act inside the forward pass. Preparing is a pure function of the chain, so the same
-//! version always yields bit-identical logits.
+//! method state the same way and act inside the forward pass; SERAC's [`ScopeMemory`] acts on
+//! the inputs before it. Preparing is a pure function of the chain, so the same version always
+//! yields bit-identical logits.
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::model::{CausalLm, Forward, ModelError, ModelSpec, Result, WeightId};
+use super::model::{CausalLm, Conditioning, Forward, ModelError, ModelSpec, Result, WeightId};
 
 mod codebook;
 mod delta;
 mod format;
+mod scope_memory;
 mod wise_memory;
 
 pub use codebook::{Codebook, CodebookWrite, Entry};
 pub use delta::{Delta, StateEntry};
 pub use format::{decode, encode, VersionData, FORMAT_VERSION};
+pub use scope_memory::{
+    pooled, ScopeEntry, ScopeHead, ScopeMemory, ENTRY_STATE as SERAC_ENTRY,
+    HEAD_STATE as SERAC_HEAD,
+};
 pub use wise_memory::{
     activation_distance, shard_mask, Activation, Scoring, Span, WiseMemory, WiseWrite,
 };
@@ -142,10 +148,13 @@ impl Overlay {
             .collect();
         let modules = fold(model, BTreeMap::new(), states.iter().copied())?;
         let wise = fold(model, BTreeMap::new(), states.iter().copied())?;
+        let mut scope = ScopeMemory::default();
+        scope.write_all(states.iter().copied())?;
         Ok(PreparedOverlay {
             weights,
             modules,
             wise,
+            scope: Arc::new(scope),
         })
     }
 
@@ -202,10 +211,15 @@ impl Overlay {
         }
         let modules = fold(model, parent.modules.clone(), self.state.iter())?;
         let wise = fold(model, parent.wise.clone(), self.state.iter())?;
+        let mut scope = parent.scope.clone();
+        if self.state.iter().any(|s| s.name.starts_with("serac.")) {
+            Arc::make_mut(&mut scope).write_all(self.state.iter())?;
+        }
         Ok(PreparedOverlay {
             weights,
             modules,
             wise,
+            scope,
         })
     }
 }
@@ -402,6 +416,8 @@ pub struct PreparedOverlay {
     modules: BTreeMap<usize, Arc<Codebook>>,
     /// WISE's side memories at layers' down projections.
     wise: BTreeMap<usize, Arc<WiseMemory>>,
+    /// SERAC's edit memory, which conditions in-scope inputs.
+    scope: Arc<ScopeMemory>,
 }
 
 impl PreparedOverlay {
@@ -447,6 +463,12 @@ impl PreparedOverlay {
         self.wise.values().any(|m| m.memories() > 0)
     }
 
+    /// SERAC's edit memory (empty unless the chain holds SERAC edits).
+    pub fn scope(&self) -> &ScopeMemory {
+        &self.scope
+    }
+
+    /// True when nothing acts inside the forward pass (SERAC's memory acts before it).
     pub fn is_empty(&self) -> bool {
         self.weights.is_empty() && self.modules.is_empty() && self.wise.is_empty()
     }
@@ -461,6 +483,7 @@ impl PreparedOverlay {
             .sum::<usize>()
             + self.modules.values().map(|m| m.bytes()).sum::<usize>()
             + self.wise.values().map(|m| m.bytes()).sum::<usize>()
+            + self.scope.bytes()
     }
 }
 
@@ -515,6 +538,19 @@ impl CausalLm for Edited<'_> {
     }
     fn routes_per_sequence(&self) -> bool {
         self.overlay.routes_per_sequence()
+    }
+    fn condition(&self, inputs: &[&[u32]]) -> Result<Option<Vec<Option<Arc<Conditioning>>>>> {
+        let memory = self.overlay.scope();
+        if memory.is_empty() {
+            return Ok(None);
+        }
+        let routes = memory.route(self.base, inputs)?;
+        Ok(Some(
+            routes
+                .into_iter()
+                .map(|r| r.map(|i| memory.entry(i).conditioning.clone()))
+                .collect(),
+        ))
     }
 }
 

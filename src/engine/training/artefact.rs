@@ -7,13 +7,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
-use super::mend_net::{MendNet, NetShape};
+use super::mend_net::MendNet;
 use super::run::{TrainConfig, Validation};
+use super::serac::ScopeNet;
 use super::TrainingError;
 
 /// Where an artefact came from.
@@ -28,8 +29,10 @@ pub struct Provenance {
     pub data_sha256: String,
     #[schema(value_type = Object)]
     pub config: TrainConfig,
+    /// The trained network's dimensions (MEND: edited layers, widths, rank; SERAC: the pooled
+    /// layer, hidden size, width).
     #[schema(value_type = Object)]
-    pub net: NetShape,
+    pub net: serde_json::Value,
     pub steps: usize,
     /// Validation on the held-back records, every `val_every` steps and at the end.
     pub validation: Vec<Validation>,
@@ -38,10 +41,87 @@ pub struct Provenance {
     pub created_at: String,
 }
 
+/// A trained network: MEND's gradient transform or SERAC's scope classifier.
+pub enum TrainedEditor {
+    Mend(MendNet),
+    Serac(ScopeNet),
+}
+
+impl TrainedEditor {
+    /// Every trainable variable.
+    pub fn vars(&self) -> Vec<Var> {
+        match self {
+            Self::Mend(n) => n.vars(),
+            Self::Serac(n) => n.vars(),
+        }
+    }
+
+    /// The network as named tensors (an artefact's body).
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>, TrainingError> {
+        match self {
+            Self::Mend(n) => n.tensors(),
+            Self::Serac(n) => Ok(n.tensors()),
+        }
+    }
+
+    /// The network's dimensions, as provenance records them.
+    pub fn shape(&self) -> serde_json::Value {
+        match self {
+            Self::Mend(n) => serde_json::to_value(&n.shape),
+            Self::Serac(n) => serde_json::to_value(&n.shape),
+        }
+        .unwrap_or_default()
+    }
+
+    /// The `method` network `tensors` wrote, of dimensions `shape`.
+    pub fn from_tensors(
+        method: &str,
+        shape: &serde_json::Value,
+        tensors: &HashMap<String, Tensor>,
+        dev: &Device,
+    ) -> Result<Self, TrainingError> {
+        let bad = |e: serde_json::Error| TrainingError::Artefact(format!("net dimensions: {e}"));
+        match method {
+            "mend" => Ok(Self::Mend(MendNet::from_tensors(
+                serde_json::from_value(shape.clone()).map_err(bad)?,
+                tensors,
+            )?)),
+            "serac" => Ok(Self::Serac(ScopeNet::from_tensors(
+                serde_json::from_value(shape.clone()).map_err(bad)?,
+                tensors,
+                dev,
+            )?)),
+            other => Err(TrainingError::Artefact(format!(
+                "`{other}` is not a trained editor"
+            ))),
+        }
+    }
+
+    /// The MEND network (an error naming the artefact's kind otherwise).
+    pub fn mend(&self) -> Result<&MendNet, TrainingError> {
+        match self {
+            Self::Mend(n) => Ok(n),
+            Self::Serac(_) => Err(TrainingError::Mismatch(
+                "the artefact is a serac editor, not mend".into(),
+            )),
+        }
+    }
+
+    /// The SERAC classifier (an error naming the artefact's kind otherwise).
+    pub fn serac(&self) -> Result<&ScopeNet, TrainingError> {
+        match self {
+            Self::Serac(n) => Ok(n),
+            Self::Mend(_) => Err(TrainingError::Mismatch(
+                "the artefact is a mend editor, not serac".into(),
+            )),
+        }
+    }
+}
+
 /// A loaded trained editor.
 pub struct Artefact {
     pub provenance: Provenance,
-    pub net: MendNet,
+    pub editor: TrainedEditor,
 }
 
 /// The artefact folder, with loaded artefacts cached by id.
@@ -62,10 +142,14 @@ impl ArtefactStore {
         &self.dir
     }
 
-    /// Writes `net` with `provenance` (its id set here) and returns the id.
-    pub fn save(&self, net: &MendNet, mut provenance: Provenance) -> Result<String, TrainingError> {
+    /// Writes `editor` with `provenance` (its id set here) and returns the id.
+    pub fn save(
+        &self,
+        editor: &TrainedEditor,
+        mut provenance: Provenance,
+    ) -> Result<String, TrainingError> {
         std::fs::create_dir_all(&self.dir)?;
-        let tensors = net.tensors()?;
+        let tensors = editor.tensors()?;
         let tmp = self.dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&tmp)?;
         let file = tmp.join("editor.safetensors");
@@ -144,8 +228,8 @@ impl ArtefactStore {
             )));
         }
         let tensors = candle_core::safetensors::load(folder.join("editor.safetensors"), dev)?;
-        let net = MendNet::from_tensors(provenance.net.clone(), &tensors)?;
-        let a = Arc::new(Artefact { provenance, net });
+        let editor = TrainedEditor::from_tensors(method, &provenance.net, &tensors, dev)?;
+        let a = Arc::new(Artefact { provenance, editor });
         self.loaded
             .lock()
             .expect("artefact cache")

@@ -302,7 +302,7 @@ fn nonzero_rows(u: &Tensor, delta: &Tensor) -> Result<(Rows, Rows), TrainingErro
 }
 
 /// A standard normal sample (Box–Muller), so the initialisation depends only on the seed.
-fn standard_normal(rng: &mut StdRng) -> f32 {
+pub(super) fn standard_normal(rng: &mut StdRng) -> f32 {
     let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
     let u2: f64 = rng.random::<f64>();
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32

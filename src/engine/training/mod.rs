@@ -1,5 +1,5 @@
-//! Trained editors: MEND's gradient transform, trained against the resident model as a
-//! resumable run that leaves an artefact with its provenance.
+//! Trained editors: MEND's gradient transform and SERAC's scope classifier, trained against
+//! the resident model as a resumable run that leaves an artefact with its provenance.
 pub mod adam;
 pub mod artefact;
 mod checkpoint;
@@ -7,8 +7,9 @@ pub mod mend;
 pub mod mend_net;
 pub mod records;
 pub mod run;
+pub mod serac;
 
-pub use artefact::{Artefact, ArtefactStore, Provenance};
+pub use artefact::{Artefact, ArtefactStore, Provenance, TrainedEditor};
 pub use records::TrainingData;
 pub use run::{Progress, TrainConfig, Trainer, Validation};
 

@@ -1,7 +1,9 @@
-//! A MEND training run: its configuration, the loop (EasyEdit's `EditTrainer.edit_step`: edit
-//! from the base model, then `cedit · NLL(edit) + cloc · KL(locality)`, gradients accumulated
-//! over `accumulate` records per Adam step), validation on held-back records, and checkpoints
-//! every `val_every` steps from which a killed run resumes bit for bit.
+//! A training run of a trained editor: its configuration, the loop (MEND: EasyEdit's
+//! `EditTrainer.edit_step`, an edit from the base model, then `cedit · NLL(edit) + cloc ·
+//! KL(locality)`; SERAC: the scope classifier's cross-entropies on a record's rephrasing and
+//! on unrelated prompts, see [`super::serac`]), gradients accumulated over `accumulate`
+//! records per Adam step, validation on held-back records, and checkpoints every `val_every`
+//! steps from which a killed run resumes bit for bit.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -15,45 +17,51 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::adam::{accumulate, Adam};
-use super::artefact::{ArtefactStore, Provenance};
+use super::artefact::{ArtefactStore, Provenance, TrainedEditor};
 use super::mend::{
     factors, hidden_at, logits_from, overlay_of, post_losses, token_accuracy, updates, TargetRow,
 };
 use super::mend_net::{MendNet, NetShape};
 use super::records::{load, TrainingData, TrainingRecord, TrainingSet};
+use super::serac::{self, ScopeNet, ScopeShape};
 use super::{checkpoint, TrainingError};
 use crate::engine::model::{CausalLm, Tok};
 
-/// What a training run does; every field has a default (`{}` trains MEND on zsRE).
+/// What a training run does; every field has a default (`{}` trains MEND on zsRE; fields
+/// marked MEND or SERAC apply to that method only).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// The trained editor: `mend`.
+    /// The trained editor: `mend` or `serac`.
     pub method: String,
     pub data: TrainingData,
     /// Training steps (one record each).
     #[schema(minimum = 1, maximum = 100000)]
     pub steps: usize,
-    /// Adam learning rate of the network (EasyEdit: 1e-6 over up to 100k steps; a short CPU
-    /// run needs more).
+    /// Adam learning rate of the network (default: MEND 1e-4, SERAC 1e-2; EasyEdit: 1e-6 and
+    /// 1e-5 over up to 100k steps, a short CPU run needs more).
     #[schema(minimum = 0.0, maximum = 1.0)]
-    pub lr: f64,
-    /// Adam learning rate of the per-layer edit learning rates (EasyEdit: 1e-4).
+    pub lr: Option<f64>,
+    /// MEND: Adam learning rate of the per-layer edit learning rates (EasyEdit: 1e-4).
     #[schema(minimum = 0.0, maximum = 1.0)]
     pub lr_lr: f64,
-    /// Initial edit learning rate (EasyEdit: 1e-4).
+    /// MEND: initial edit learning rate (EasyEdit: 1e-4).
     #[schema(minimum = 0.0, maximum = 1.0)]
     pub edit_lr: f64,
-    /// Weight of the edit loss (EasyEdit: 0.1).
+    /// Weight of the edit loss (MEND; SERAC: of the in-scope cross-entropy) (EasyEdit: 0.1).
     #[schema(minimum = 0.0, maximum = 100.0)]
     pub cedit: f64,
-    /// Weight of the locality KL (EasyEdit: 1.0).
+    /// Weight of the locality KL (MEND; SERAC: of the out-of-scope cross-entropy) (EasyEdit:
+    /// 1.0).
     #[schema(minimum = 0.0, maximum = 100.0)]
     pub cloc: f64,
-    /// Rank of the network's residual layers (EasyEdit: 1920 for 7B models).
+    /// MEND: rank of the network's residual layers (default 512; EasyEdit: 1920 for 7B
+    /// models). SERAC: width of the classifier's projection (default 256).
     #[schema(minimum = 1, maximum = 4096)]
-    pub rank: usize,
-    /// Layers whose MLP down projection is edited (default: the top three, as EasyEdit).
+    pub rank: Option<usize>,
+    /// MEND: layers whose MLP down projection is edited (default: the top three, as EasyEdit).
+    /// SERAC: the one layer whose output the classifier pools (default: a third of the way
+    /// up).
     pub layers: Option<Vec<usize>>,
     /// Records per Adam step (EasyEdit: `accumulate_bs` 10).
     #[schema(minimum = 1, maximum = 100)]
@@ -76,12 +84,12 @@ impl Default for TrainConfig {
             method: "mend".into(),
             data: TrainingData::Zsre,
             steps: 1000,
-            lr: 1e-4,
+            lr: None,
             lr_lr: 1e-4,
             edit_lr: 1e-4,
             cedit: 0.1,
             cloc: 1.0,
-            rank: 512,
+            rank: None,
             layers: None,
             accumulate: 10,
             val_records: 50,
@@ -92,19 +100,41 @@ impl Default for TrainConfig {
     }
 }
 
+/// The methods a run can train.
+pub const TRAINABLE: &[&str] = &["mend", "serac"];
+
 impl TrainConfig {
-    /// Checks what the schema cannot, against the model; returns the edited layers.
+    fn serac(&self) -> bool {
+        self.method == "serac"
+    }
+
+    /// The network's learning rate, its method's default unless set.
+    pub fn lr(&self) -> f64 {
+        self.lr.unwrap_or(if self.serac() { 1e-2 } else { 1e-4 })
+    }
+
+    /// MEND's rank or SERAC's width, its method's default unless set.
+    pub fn rank(&self) -> usize {
+        self.rank.unwrap_or(if self.serac() { 256 } else { 512 })
+    }
+
+    /// Checks what the schema cannot, against the model; returns the edited (MEND) or pooled
+    /// (SERAC) layers.
     pub fn check(&self, n_layers: usize) -> Result<Vec<usize>, TrainingError> {
         let bad = |f: &str, m: String| Err(TrainingError::Field(f.into(), m));
-        if self.method != "mend" {
+        if !TRAINABLE.contains(&self.method.as_str()) {
             return bad(
                 "method",
-                format!("`{}` cannot be trained; trainable: mend", self.method),
+                format!(
+                    "`{}` cannot be trained; trainable: {}",
+                    self.method,
+                    TRAINABLE.join(", ")
+                ),
             );
         }
         for (f, v, lo, hi) in [
             ("steps", self.steps, 1, 100_000),
-            ("rank", self.rank, 1, 4096),
+            ("rank", self.rank(), 1, 4096),
             ("accumulate", self.accumulate, 1, 100),
             ("val_records", self.val_records, 1, 1000),
             ("val_every", self.val_every, 1, 100_000),
@@ -114,7 +144,7 @@ impl TrainConfig {
             }
         }
         for (f, v, hi) in [
-            ("lr", self.lr, 1.0),
+            ("lr", self.lr(), 1.0),
             ("lr_lr", self.lr_lr, 1.0),
             ("edit_lr", self.edit_lr, 1.0),
             ("cedit", self.cedit, 100.0),
@@ -135,10 +165,16 @@ impl TrainConfig {
                 format!("must be a multiple of accumulate ({})", self.accumulate),
             );
         }
-        let layers = self
-            .layers
-            .clone()
-            .unwrap_or_else(|| (n_layers.saturating_sub(3)..n_layers).collect());
+        let layers = self.layers.clone().unwrap_or_else(|| {
+            if self.serac() {
+                vec![n_layers / 3]
+            } else {
+                (n_layers.saturating_sub(3)..n_layers).collect()
+            }
+        });
+        if self.serac() && layers.len() != 1 {
+            return bad("layers", "SERAC pools exactly one layer".into());
+        }
         if layers.is_empty()
             || layers.iter().any(|&l| l >= n_layers)
             || layers.windows(2).any(|w| w[0] >= w[1])
@@ -152,9 +188,11 @@ impl TrainConfig {
     }
 }
 
-/// Validation on the held-back records: edit success (token accuracy of the new target after
-/// the edit, on the edit prompt and on its rephrasing) and locality (share of the unrelated
-/// answer's tokens whose greedy prediction is unchanged).
+/// Validation on the held-back records. MEND: edit success (token accuracy of the new target
+/// after the edit, on the edit prompt and on its rephrasing) and locality (share of the
+/// unrelated answer's tokens whose greedy prediction is unchanged). SERAC, with every held-back
+/// edit in memory: the share of prompts and of rephrasings routed to their own edit, and of
+/// unrelated prompts routed to none.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Validation {
     pub step: usize,
@@ -207,7 +245,9 @@ const VALIDATE_PER_CALL: usize = 4;
 pub struct Trainer {
     set: TrainingSet,
     data_dir: PathBuf,
-    net: MendNet,
+    editor: TrainedEditor,
+    /// SERAC: the held-back edits' memory keys during a validation.
+    val_keys: Option<Tensor>,
     opt: Adam,
     grads: Vec<Option<Tensor>>,
     state: State,
@@ -220,6 +260,7 @@ impl Trainer {
     /// same configuration, model and data), else starts fresh.
     pub fn open(
         model: &dyn CausalLm,
+        tok: &Tok,
         config: TrainConfig,
         data_dir: &Path,
         run_dir: &Path,
@@ -233,18 +274,9 @@ impl Trainer {
                 format!("must be below the file's {} records", set.records.len()),
             ));
         }
-        let x_dim = model
-            .weight(crate::engine::model::WeightId::mlp_down(layers[0]))?
-            .dim(1)?;
-        let shape = NetShape {
-            layers,
-            x_dim,
-            delta_dim: model.spec().hidden_size,
-            rank: config.rank,
-        };
         let dev = model.device();
-        let mut net = MendNet::new(shape, config.edit_lr, config.seed, dev)?;
-        let mut opt = Adam::new(net.vars(), opt_lrs(&config, net.vars().len()))?;
+        let mut editor = fresh(model, &config, layers)?;
+        let mut opt = Adam::new(editor.vars(), opt_lrs(&config, editor.vars().len()))?;
         std::fs::create_dir_all(run_dir)?;
         let checkpoint = run_dir.join("checkpoint.safetensors");
         let mut state = State {
@@ -268,17 +300,24 @@ impl Trainer {
                     run_dir.display()
                 )));
             }
-            net = MendNet::from_tensors(net.shape.clone(), &tensors)?;
-            opt = Adam::new(net.vars(), opt_lrs(&config, net.vars().len()))?;
+            editor = TrainedEditor::from_tensors(&config.method, &editor.shape(), &tensors, dev)?;
+            opt = Adam::new(editor.vars(), opt_lrs(&config, editor.vars().len()))?;
             opt.restore(&tensors, saved.adam_t)?;
             state = saved;
             tracing::info!(step = state.step, "training resumed from its checkpoint");
         }
-        let grads = vec![None; net.vars().len()];
+        if state.step == 0 {
+            if let TrainedEditor::Serac(net) = &mut editor {
+                let train = &set.records[..set.records.len() - config.val_records];
+                serac::fit_fresh(net, model, tok, train)?;
+            }
+        }
+        let grads = vec![None; editor.vars().len()];
         Ok(Self {
             set,
             data_dir: data_dir.to_path_buf(),
-            net,
+            editor,
+            val_keys: None,
             opt,
             grads,
             state,
@@ -292,8 +331,8 @@ impl Trainer {
     }
 
     /// The network as trained so far.
-    pub fn net(&self) -> &MendNet {
-        &self.net
+    pub fn editor(&self) -> &TrainedEditor {
+        &self.editor
     }
 
     pub fn history(&self) -> &[Validation] {
@@ -304,8 +343,9 @@ impl Trainer {
         self.set.records.len() - self.state.config.val_records
     }
 
-    /// The record step `s` trains on: a seeded shuffle of the training part per epoch.
-    fn record_at(&self, s: usize) -> &TrainingRecord {
+    /// The index of the record step `s` trains on: a seeded shuffle of the training part per
+    /// epoch.
+    fn record_at(&self, s: usize) -> usize {
         let n = self.train_count();
         let epoch = (s / n) as u64;
         let mut order: Vec<usize> = (0..n).collect();
@@ -315,7 +355,7 @@ impl Trainer {
                 .seed
                 .wrapping_add(epoch.wrapping_mul(0x9E37_79B9)),
         ));
-        &self.set.records[order[s % n]]
+        order[s % n]
     }
 
     /// True once every step is trained and validated.
@@ -338,8 +378,17 @@ impl Trainer {
     }
 
     fn train_step(&mut self, model: &dyn CausalLm, tok: &Tok) -> Result<Progress, TrainingError> {
-        let rec = self.record_at(self.state.step).clone();
-        let (l_edit, l_loc) = self.losses(model, tok, &rec, true)?;
+        let at = self.record_at(self.state.step);
+        let (l_edit, l_loc) = match &self.editor {
+            TrainedEditor::Serac(net) => {
+                let train = &self.set.records[..self.train_count()];
+                serac::losses(net, model, tok, train, at, self.state.step)?
+            }
+            TrainedEditor::Mend(_) => {
+                let rec = self.set.records[at].clone();
+                self.losses(model, tok, &rec, true)?
+            }
+        };
         let (le, ll) = (
             l_edit.to_scalar::<f32>()? as f64,
             l_loc.to_scalar::<f32>()? as f64,
@@ -355,7 +404,7 @@ impl Trainer {
         let total = ((l_edit * cfg.cedit)? + (l_loc * cfg.cloc)?)?;
         let total = (total / cfg.accumulate as f64)?;
         let store = total.backward()?;
-        accumulate(&mut self.grads, &self.net.vars(), &store)?;
+        accumulate(&mut self.grads, &self.editor.vars(), &store)?;
         self.state.step += 1;
         let step = self.state.step;
         if step.is_multiple_of(cfg.accumulate) || step == cfg.steps {
@@ -376,7 +425,7 @@ impl Trainer {
         })
     }
 
-    /// The post-edit losses of `rec` (edited from the base model); `observe` updates the
+    /// MEND's post-edit losses of `rec` (edited from the base model); `observe` updates the
     /// network's running statistics first (training).
     fn losses(
         &mut self,
@@ -385,20 +434,23 @@ impl Trainer {
         rec: &TrainingRecord,
         observe: bool,
     ) -> Result<(Tensor, Tensor), TrainingError> {
-        let from = self.net.shape.layers[0];
+        let TrainedEditor::Mend(net) = &mut self.editor else {
+            return Err(TrainingError::Invalid("not a MEND run".into()));
+        };
+        let from = net.shape.layers[0];
         let row = TargetRow::new(tok, &rec.prompt, &rec.target)?;
         let loc = TargetRow::whole(tok, &rec.loc_prompt, &rec.loc_answer)?;
         let h_edit = hidden_at(model, &row.ids, from)?;
         let h_loc = hidden_at(model, &loc, from)?;
         let all: Vec<(usize, usize)> = (0..loc.len()).map(|p| (0, p)).collect();
         let base_loc = logits_from(model, &h_loc, from, None, &all, false)?;
-        let fs = factors(model, &h_edit, &row, &self.net.shape.layers)?;
+        let fs = factors(model, &h_edit, &row, &net.shape.layers)?;
         if observe {
             for (u, d) in &fs {
-                self.net.observe(u, d)?;
+                net.observe(u, d)?;
             }
         }
-        let overlay = overlay_of(model, &updates(&self.net, &fs)?)?;
+        let overlay = overlay_of(model, &updates(net, &fs)?)?;
         post_losses(model, overlay, from, (&h_edit, &row), (&h_loc, &base_loc))
     }
 
@@ -413,8 +465,17 @@ impl Trainer {
         let val = self.state.config.val_records;
         let mut p = self.pending.take().unwrap_or_default();
         let end = (p.done + VALIDATE_PER_CALL).min(val);
-        for rec in &self.set.records[n - val + p.done..n - val + end] {
-            let (es, gen, loc) = self.validate_one(model, tok, rec)?;
+        let held = &self.set.records[n - val..];
+        if let (TrainedEditor::Serac(net), 0) = (&self.editor, p.done) {
+            self.val_keys = Some(serac::memory_keys(net, model, tok, held)?);
+        }
+        for (i, rec) in held.iter().enumerate().take(end).skip(p.done) {
+            let (es, gen, loc) = match (&self.editor, &self.val_keys) {
+                (TrainedEditor::Serac(net), Some(keys)) => {
+                    serac::validate_one(net, model, tok, keys, rec, i)?
+                }
+                _ => self.validate_one(model, tok, rec)?,
+            };
             p.edit_success += es;
             p.generalization += gen;
             p.locality += loc;
@@ -432,6 +493,7 @@ impl Trainer {
             self.pending = Some(p);
             return Ok(progress);
         }
+        self.val_keys = None;
         let w = self.state.window;
         let mean = |x: f64| if w.2 == 0 { 0.0 } else { x / w.2 as f64 };
         let k = val as f64;
@@ -450,22 +512,24 @@ impl Trainer {
         Ok(progress)
     }
 
-    /// One held-back record: token accuracy of the target after its edit on the prompt and
-    /// on the rephrasing, and the share of the unrelated answer's greedy tokens kept.
+    /// MEND on one held-back record: token accuracy of the target after its edit on the
+    /// prompt and on the rephrasing, and the share of the unrelated answer's greedy tokens
+    /// kept.
     fn validate_one(
         &self,
         model: &dyn CausalLm,
         tok: &Tok,
         rec: &TrainingRecord,
     ) -> Result<(f64, f64, f64), TrainingError> {
-        let from = self.net.shape.layers[0];
+        let net = self.editor.mend()?;
+        let from = net.shape.layers[0];
         let pos = |r: &TargetRow| -> Vec<(usize, usize)> {
             r.terms.iter().map(|t| (0, t.position)).collect()
         };
         let row = TargetRow::new(tok, &rec.prompt, &rec.target)?;
         let h_edit = hidden_at(model, &row.ids, from)?;
-        let fs = factors(model, &h_edit, &row, &self.net.shape.layers)?;
-        let overlay = overlay_of(model, &updates(&self.net, &fs)?)?;
+        let fs = factors(model, &h_edit, &row, &net.shape.layers)?;
+        let overlay = overlay_of(model, &updates(net, &fs)?)?;
         let es = token_accuracy(
             &logits_from(
                 model,
@@ -505,7 +569,7 @@ impl Trainer {
     }
 
     fn save_checkpoint(&self) -> Result<(), TrainingError> {
-        let mut tensors = self.net.tensors()?;
+        let mut tensors = self.editor.tensors()?;
         tensors.extend(self.opt.tensors());
         let mut state = self.state.clone();
         state.adam_t = self.opt.t;
@@ -540,7 +604,7 @@ impl Trainer {
             .display()
             .to_string();
         store.save(
-            &self.net,
+            &self.editor,
             Provenance {
                 id: String::new(),
                 method: self.state.config.method.clone(),
@@ -548,7 +612,7 @@ impl Trainer {
                 data_file,
                 data_sha256: self.state.data_sha256.clone(),
                 config: self.state.config.clone(),
-                net: self.net.shape.clone(),
+                net: self.editor.shape(),
                 steps: self.state.step,
                 validation: self.state.history.clone(),
                 duration_s: self.state.elapsed_s,
@@ -563,10 +627,50 @@ impl Trainer {
     }
 }
 
-/// Adam's learning rate per variable: the network's `lr`, the edit learning rates' `lr_lr`
-/// (the last variable).
+/// Adam's learning rate per variable: the network's `lr`; MEND's edit learning rates (its
+/// last variable) take `lr_lr`.
 fn opt_lrs(config: &TrainConfig, n: usize) -> Vec<f64> {
-    let mut lrs = vec![config.lr; n - 1];
-    lrs.push(config.lr_lr);
+    let mut lrs = vec![config.lr(); n];
+    if config.method == "mend" {
+        lrs[n - 1] = config.lr_lr;
+    }
     lrs
+}
+
+/// A fresh network of `config`'s method for `model` (`layers` as [`TrainConfig::check`] gave
+/// them).
+fn fresh(
+    model: &dyn CausalLm,
+    config: &TrainConfig,
+    layers: Vec<usize>,
+) -> Result<TrainedEditor, TrainingError> {
+    let dev = model.device();
+    let hidden = model.spec().hidden_size;
+    if config.method == "serac" {
+        let shape = ScopeShape {
+            layer: layers[0],
+            hidden,
+            width: config.rank(),
+        };
+        return Ok(TrainedEditor::Serac(ScopeNet::new(
+            shape,
+            config.seed,
+            dev,
+        )?));
+    }
+    let x_dim = model
+        .weight(crate::engine::model::WeightId::mlp_down(layers[0]))?
+        .dim(1)?;
+    let shape = NetShape {
+        layers,
+        x_dim,
+        delta_dim: hidden,
+        rank: config.rank(),
+    };
+    Ok(TrainedEditor::Mend(MendNet::new(
+        shape,
+        config.edit_lr,
+        config.seed,
+        dev,
+    )?))
 }

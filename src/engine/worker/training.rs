@@ -63,7 +63,14 @@ impl Trainers {
                 .stats
                 .data_dir()
                 .ok_or_else(|| TrainingError::Data("the server has no data directory".into()))?;
-            let t = Trainer::open(lm, config.clone(), &data, &run_dir, &ctx.model_sha256)?;
+            let t = Trainer::open(
+                lm,
+                &model.tokenizer,
+                config.clone(),
+                &data,
+                &run_dir,
+                &ctx.model_sha256,
+            )?;
             self.runs.insert(run_dir.clone(), t);
         }
         let trainer = self.runs.get_mut(&run_dir).expect("inserted above");

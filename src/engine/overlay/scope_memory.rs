@@ -17,7 +17,7 @@
 //! The classifier head and the entries are method state of the session's versions, so
 //! rollback, fork and restart carry exactly the memory of the version they land on.
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -164,13 +164,33 @@ impl ScopeEntry {
     }
 }
 
+/// Decisions a memory keeps (per version): the choices of a multiple-choice question arrive as
+/// separate requests with one context, and are decided once.
+const DECISIONS_KEPT: usize = 4096;
+
 /// A session's SERAC memory: the classifier head and the entries, oldest first.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct ScopeMemory {
     head: Option<Arc<ScopeHead>>,
     entries: Vec<Arc<ScopeEntry>>,
     /// The entries' keys stacked `(n, width)`, rebuilt after writes.
     keys: Option<Tensor>,
+    /// Inputs already decided against these entries (a decision is a pure function of the
+    /// input and the memory, so keeping it changes no result).
+    decided: Mutex<HashMap<Vec<u32>, Option<usize>>>,
+}
+
+impl Clone for ScopeMemory {
+    /// A copy with the same head and entries and no kept decisions (a copy is made to be
+    /// written to, which invalidates them).
+    fn clone(&self) -> Self {
+        Self {
+            head: self.head.clone(),
+            entries: self.entries.clone(),
+            keys: self.keys.clone(),
+            decided: Mutex::default(),
+        }
+    }
 }
 
 impl ScopeMemory {
@@ -204,6 +224,7 @@ impl ScopeMemory {
             wrote = true;
         }
         if wrote {
+            self.decided = Mutex::default();
             self.refresh()?;
         }
         Ok(())
@@ -239,15 +260,15 @@ impl ScopeMemory {
     }
 
     /// Per input, the entry it is in scope of (the highest positive logit), decided on the
-    /// base model `base`; repeated inputs are decided once.
+    /// base model `base`; an input seen recently is not decided again.
     pub fn route(&self, base: &dyn CausalLm, inputs: &[&[u32]]) -> Result<Vec<Option<usize>>> {
         let (Some(head), Some(keys)) = (&self.head, &self.keys) else {
             return Ok(vec![None; inputs.len()]);
         };
-        let mut seen: HashMap<&[u32], Option<usize>> = HashMap::new();
         let mut out = Vec::with_capacity(inputs.len());
         for &input in inputs {
-            if let Some(&r) = seen.get(input) {
+            let kept = self.decided.lock().ok().and_then(|d| d.get(input).copied());
+            if let Some(r) = kept {
                 out.push(r);
                 continue;
             }
@@ -258,7 +279,12 @@ impl ScopeMemory {
                 let logits = head.logits(&q, keys)?.flatten_all()?.to_vec1::<f32>()?;
                 best_positive(&logits)
             };
-            seen.insert(input, r);
+            if let Ok(mut d) = self.decided.lock() {
+                if d.len() >= DECISIONS_KEPT {
+                    d.clear();
+                }
+                d.insert(input.to_vec(), r);
+            }
             out.push(r);
         }
         Ok(out)

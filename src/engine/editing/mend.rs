@@ -14,16 +14,27 @@ use crate::engine::training::mend::{factors, hidden_at, updates, TargetRow};
 
 pub struct Mend;
 
+/// The hyper-parameters of a trained editor's method (MEND, SERAC): which artefact edits.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct MendHparams {
-    /// The trained editor's id (`GET /v1/trainings/artefacts`); empty: the newest one
+pub struct ArtefactHparams {
+    /// The trained editor's id (`GET /v1/artefacts`); empty: the newest one of the method
     /// trained for the loaded model.
     #[schema(max_length = 128)]
     pub artefact: String,
 }
 
-impl MethodHparams for MendHparams {
+impl ArtefactHparams {
+    /// The resource that acquires the artefact for `method`.
+    pub(super) fn resource(&self, method: &str) -> Resource {
+        Resource::TrainedEditor {
+            method: method.into(),
+            artefact: (!self.artefact.is_empty()).then(|| self.artefact.clone()),
+        }
+    }
+}
+
+impl MethodHparams for ArtefactHparams {
     fn check(&self, _spec: &ModelSpec) -> Result<(), EditError> {
         if self.artefact.len() > 128 {
             return Err(EditError::invalid(
@@ -36,20 +47,21 @@ impl MethodHparams for MendHparams {
 }
 
 impl TypedMethod for Mend {
-    type Hparams = MendHparams;
+    type Hparams = ArtefactHparams;
     const NAME: &'static str = "mend";
     const DESCRIPTION: &'static str = "MEND (Mitchell et al. 2022): a hyper-network trained for the loaded model (`emend train`, `POST /v1/trainings`) maps the request's fine-tuning gradient, as rank-one factors at the top layers' MLP down projections, to a low-rank update.";
     const BATCHED: bool = false;
     const DEFAULTS: &'static str = "mend";
 
-    fn resources(&self, h: &MendHparams) -> Vec<Resource> {
-        vec![Resource::TrainedEditor {
-            method: Self::NAME.into(),
-            artefact: (!h.artefact.is_empty()).then(|| h.artefact.clone()),
-        }]
+    fn resources(&self, h: &ArtefactHparams) -> Vec<Resource> {
+        vec![h.resource(Self::NAME)]
     }
 
-    fn compute(&self, input: &EditInput<'_>, _h: &MendHparams) -> Result<MethodOutput, EditError> {
+    fn compute(
+        &self,
+        input: &EditInput<'_>,
+        _h: &ArtefactHparams,
+    ) -> Result<MethodOutput, EditError> {
         let artefact = input.resources.editor()?;
         let net = artefact.editor.mend()?;
         let model = input.model;

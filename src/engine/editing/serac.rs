@@ -11,38 +11,16 @@
 //! it, then the new fact again before the input). An edit writes one memory entry
 //! (its prompt's key and its text) as method state; a chain's first SERAC edit also writes
 //! the classifier head, so the session's memory never depends on the artefact store again.
-use serde::{Deserialize, Serialize};
 use serde_json::json;
-use utoipa::ToSchema;
 
-use super::method::{EditInput, MethodHparams, MethodOutput, Resource, TypedMethod};
+use super::mend::ArtefactHparams;
+use super::method::{EditInput, MethodOutput, Resource, TypedMethod};
 use super::EditError;
 use crate::engine::model::score::prefix_token;
-use crate::engine::model::{Conditioning, ModelSpec};
+use crate::engine::model::Conditioning;
 use crate::engine::overlay::{pooled, ScopeEntry, ScopeHead};
 
 pub struct Serac;
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SeracHparams {
-    /// The trained classifier's id (`GET /v1/artefacts`); empty: the newest one trained for
-    /// the loaded model. A session keeps the classifier of its first SERAC edit.
-    #[schema(max_length = 128)]
-    pub artefact: String,
-}
-
-impl MethodHparams for SeracHparams {
-    fn check(&self, _spec: &ModelSpec) -> Result<(), EditError> {
-        if self.artefact.len() > 128 {
-            return Err(EditError::invalid(
-                "hparams.artefact",
-                "at most 128 characters",
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// The edit as the counterfactual model reads it; the input follows `Prompt:` directly. On
 /// SmolLM2 over CounterFact records 0–29 this makes the new target the greedy continuation of
@@ -54,20 +32,23 @@ fn edit_text(prompt: &str, target: &str) -> String {
 }
 
 impl TypedMethod for Serac {
-    type Hparams = SeracHparams;
+    type Hparams = ArtefactHparams;
     const NAME: &'static str = "serac";
     const DESCRIPTION: &'static str = "SERAC (Mitchell et al. 2022): edits go into a memory; a scope classifier trained for the loaded model (`emend train --method serac`) routes each in-scope input to its edit, which the model reads in front of the input; other inputs run untouched.";
     const BATCHED: bool = false;
     const DEFAULTS: &'static str = "serac";
 
-    fn resources(&self, h: &SeracHparams) -> Vec<Resource> {
-        vec![Resource::TrainedEditor {
-            method: Self::NAME.into(),
-            artefact: (!h.artefact.is_empty()).then(|| h.artefact.clone()),
-        }]
+    /// A session keeps the classifier of its first SERAC edit; later edits use it whichever
+    /// artefact they name.
+    fn resources(&self, h: &ArtefactHparams) -> Vec<Resource> {
+        vec![h.resource(Self::NAME)]
     }
 
-    fn compute(&self, input: &EditInput<'_>, _h: &SeracHparams) -> Result<MethodOutput, EditError> {
+    fn compute(
+        &self,
+        input: &EditInput<'_>,
+        _h: &ArtefactHparams,
+    ) -> Result<MethodOutput, EditError> {
         let artefact = input.resources.editor()?;
         let base = input.model.base;
         let dev = base.device();

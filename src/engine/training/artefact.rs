@@ -41,6 +41,24 @@ pub struct Provenance {
     pub created_at: String,
 }
 
+/// Tensor `name` of an artefact's `tensors`, checked to have `dims`, as f32.
+pub(super) fn checked(
+    tensors: &HashMap<String, Tensor>,
+    name: &str,
+    dims: &[usize],
+) -> Result<Tensor, TrainingError> {
+    let x = tensors
+        .get(name)
+        .ok_or_else(|| TrainingError::Artefact(format!("tensor `{name}` is missing")))?;
+    if x.dims() != dims {
+        return Err(TrainingError::Artefact(format!(
+            "tensor `{name}` is {:?}, expected {dims:?}",
+            x.dims()
+        )));
+    }
+    Ok(x.to_dtype(candle_core::DType::F32)?)
+}
+
 /// A trained network: MEND's gradient transform or SERAC's scope classifier.
 pub enum TrainedEditor {
     Mend(MendNet),

@@ -255,18 +255,7 @@ impl MendNet {
             .map(|x| x.device().clone())
             .unwrap_or(Device::Cpu);
         let mut net = Self::new(shape, 0.0, 0, &dev)?;
-        let get = |name: &str, dims: &[usize]| -> Result<Tensor, TrainingError> {
-            let x = t
-                .get(name)
-                .ok_or_else(|| TrainingError::Artefact(format!("tensor `{name}` is missing")))?;
-            if x.dims() != dims {
-                return Err(TrainingError::Artefact(format!(
-                    "tensor `{name}` is {:?}, expected {dims:?}",
-                    x.dims()
-                )));
-            }
-            Ok(x.to_dtype(DType::F32)?)
-        };
+        let get = |name: &str, dims: &[usize]| super::artefact::checked(t, name, dims);
         for (name, var) in &net.params {
             var.set(&get(name, var.as_tensor().dims())?)?;
         }

@@ -110,16 +110,7 @@ impl ScopeNet {
         dev: &Device,
     ) -> Result<Self, TrainingError> {
         let get = |name: &str, dims: &[usize]| -> Result<Tensor, TrainingError> {
-            let x = t
-                .get(name)
-                .ok_or_else(|| TrainingError::Artefact(format!("tensor `{name}` is missing")))?;
-            if x.dims() != dims {
-                return Err(TrainingError::Artefact(format!(
-                    "tensor `{name}` is {:?}, expected {dims:?}",
-                    x.dims()
-                )));
-            }
-            Ok(x.to_dtype(DType::F32)?.to_device(dev)?)
+            Ok(super::artefact::checked(t, name, dims)?.to_device(dev)?)
         };
         let (h, w) = (shape.hidden, shape.width);
         Ok(Self {
